@@ -1,0 +1,2 @@
+"""Latent diffusion models (CompVis-checkpoint compatible) and checkpoint loading."""
+__version__ = "0.1.0"
