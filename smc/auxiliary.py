@@ -1,0 +1,96 @@
+"""Auxiliary observations y_t (spec section 2).
+
+Levels are indexed like the timestep list ts = [t_0 = 999 > ... > t_K = 0]: a path is
+a tensor [K+1, B, *latent] (level i at time ts[i]) and the auxiliary observations a
+tensor [K, B, *y] for the levels i < K (t > 0); level K carries the real y_0.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from .optimise import pixel_pseudo_inverse
+from .resampling import randn_per_image
+from .schedule import ddim_eta1_coeffs
+
+
+@torch.no_grad()
+def heuristic_zhat0(model, operator: Callable, y0: torch.Tensor,
+                    gens: Sequence[torch.Generator], cfg) -> torch.Tensor:
+    """zhat0 = E(x_hat), x_hat = argmin_x MSE(y0, A(x)) started at D(z), z ~ N(0, I).
+
+    y0 [B, ...] -> zhat0 [B, *latent_shape].
+    """
+    dtype = model.alphas_cumprod.dtype
+    z = randn_per_image(gens, model.latent_shape, model.device, dtype)
+    x_init = model.decode(z)
+    x_hat = pixel_pseudo_inverse(operator, y0, x_init, cfg.xhat_lr, cfg.xhat_max_iters, cfg.xhat_tol)
+    return model.encode(x_hat)
+
+
+@torch.no_grad()
+def heuristic_path(zhat0: torch.Tensor, ts: torch.Tensor, abar: torch.Tensor,
+                   gens: Sequence[torch.Generator]) -> torch.Tensor:
+    """The DDIM (eta = 1) forward-posterior path around zhat0 (section 2, step 3).
+
+    z_{t_0} ~ N(0, I); z_t' = sqrt(abar_t') zhat0
+        + sqrt(1 - abar_t' - sigma^2) (z_t - sqrt(abar_t) zhat0) / sqrt(1 - abar_t) + sigma eps.
+    Returns levels 0..K-1 (z_0 is never needed): [K, B, *latent].
+    """
+    K = ts.numel() - 1
+    z = randn_per_image(gens, zhat0.shape[1:], zhat0.device, zhat0.dtype)
+    path = [z]
+    for i in range(K - 1):
+        a_t, a_n = abar[ts[i]], abar[ts[i + 1]]
+        sigma, c = ddim_eta1_coeffs(a_t, a_n)
+        eps = randn_per_image(gens, zhat0.shape[1:], zhat0.device, zhat0.dtype)
+        z = a_n.sqrt() * zhat0 + c * (z - a_t.sqrt() * zhat0) / (1 - a_t).sqrt() + sigma * eps
+        path.append(z)
+    return torch.stack(path)
+
+
+@torch.no_grad()
+def observations_from_path(model, operator: Callable, path: torch.Tensor, ts: torch.Tensor,
+                           abar: torch.Tensor, gens: Sequence[torch.Generator], noisy: bool,
+                           chunk: int) -> torch.Tensor:
+    """y_t = A(D(z_t)) (plus N(0, (1-abar_t) I) noise if `noisy`) for every level of `path`.
+
+    path [L, B, *latent] -> [L, B, *y]. The decodes run in chunks of about `chunk`
+    latents; each chunk holds whole levels for all B images, laid out image-major so
+    that per-image operator state (an inpainting mask) expands correctly.
+    """
+    L, B = path.shape[:2]
+    per_chunk = max(1, chunk // B)
+    ys = []
+    for l0 in range(0, L, per_chunk):
+        block = path[l0:l0 + per_chunk]                        # [l, B, ...]
+        l = block.shape[0]
+        flat = block.transpose(0, 1).reshape(B * l, *path.shape[2:])   # image-major
+        y = operator(model.decode(flat))
+        ys.append(y.reshape(B, l, *y.shape[1:]).transpose(0, 1))
+    ys = torch.cat(ys)
+    if noisy:
+        std = (1 - abar[ts[:L]]).sqrt().to(ys.dtype)
+        noise = randn_per_image(gens, (L, *ys.shape[2:]), ys.device, ys.dtype).transpose(0, 1)
+        ys = ys + std.view(L, *([1] * (ys.dim() - 1))) * noise
+    return ys
+
+
+def selected_path(states: torch.Tensor, ancestors: torch.Tensor, final_index: torch.Tensor):
+    """Rebuild each image's selected trajectory by walking ancestor indices back.
+
+    states [K+1, B, N, ...] (level i after its proposal), ancestors [K, B, N] (particle n
+    at level i+1 descends from particle ancestors[i, b, n] at level i),
+    final_index [B] -> path [K+1, B, ...].
+    """
+    K = ancestors.shape[0]
+    B = states.shape[1]
+    rows = torch.arange(B, device=states.device)
+    idx = final_index.clone()
+    out = [None] * (K + 1)
+    out[K] = states[K, rows, idx]
+    for i in range(K - 1, -1, -1):
+        idx = ancestors[i, rows, idx]
+        out[i] = states[i, rows, idx]
+    return torch.stack(out)
