@@ -1,0 +1,111 @@
+"""Image file <-> tensor helpers: load to [-1, 1], save PNGs atomically, convert to uint8.
+
+Tensors are ``[B, 3, H, W]`` or ``[3, H, W]`` with values in ``value_range``: (-1, 1)
+for model space (the default) or (0, 1) for display / metrics.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+
+
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> [0, 1], clipped: (x + 1) / 2."""
+    return ((x + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+def from_unit(x: torch.Tensor) -> torch.Tensor:
+    """[0, 1] -> [-1, 1]: 2 x - 1."""
+    return 2.0 * x - 1.0
+
+
+def to_uint8(x: torch.Tensor, value_range=(-1.0, 1.0)) -> np.ndarray:
+    """``[3, H, W]`` -> ``[H, W, 3]`` (or ``[B, 3, H, W]`` -> ``[B, H, W, 3]``) uint8, rounded."""
+    if x.dim() not in (3, 4) or x.shape[-3] not in (1, 3):
+        raise ValueError(f"to_uint8 expects [C, H, W] or [B, C, H, W] with C = 1 or 3, got {tuple(x.shape)}")
+    lo, hi = value_range
+    unit = ((x.detach().float().cpu() - lo) / (hi - lo)).clamp(0.0, 1.0)
+    return (unit * 255.0).round().to(torch.uint8).movedim(-3, -1).numpy()
+
+
+def load_pil(path: str | os.PathLike) -> Image.Image:
+    """Open an image file as RGB; a clear error names a missing or unreadable file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image file {path} does not exist")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"cannot read {path} as an image ({e}); use a PNG or JPEG file") from e
+
+
+def resize_center_crop(im: Image.Image, size: int) -> Image.Image:
+    """Scale the shorter side to ``size`` (bicubic), then crop the central size x size square."""
+    w, h = im.size
+    if (w, h) != (size, size):
+        s = size / min(w, h)
+        nw, nh = max(size, round(w * s)), max(size, round(h * s))
+        im = im.resize((nw, nh), Image.BICUBIC)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        im = im.crop((left, top, left + size, top + size))
+    return im
+
+
+def pil_to_tensor(im: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> ``[3, H, W]`` float32 in [-1, 1] (x / 127.5 - 1)."""
+    arr = np.asarray(im.convert("RGB"), dtype=np.float32)
+    return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1.0
+
+
+def load_image(path: str | os.PathLike, size: int | None = None) -> torch.Tensor:
+    """Load ``path`` to a ``[1, 3, H, W]`` tensor in [-1, 1]; resize + centre-crop to ``size`` if given."""
+    im = load_pil(path)
+    if size is not None:
+        im = resize_center_crop(im, int(size))
+    return pil_to_tensor(im)[None]
+
+
+def save_image(x: torch.Tensor, path: str | os.PathLike, value_range=(-1.0, 1.0)) -> Path:
+    """Write ``x`` ([3, H, W], [1, 3, H, W] or [1 or 3 channels]) to a PNG, atomically.
+
+    The PNG goes to a temporary file in the target folder, then ``os.replace`` moves it
+    over ``path``, so a reader never sees a half-written file.
+    """
+    if x.dim() == 4:
+        if x.shape[0] != 1:
+            raise ValueError(f"save_image writes one image; got a batch of {x.shape[0]} (save them one by one)")
+        x = x[0]
+    arr = to_uint8(x, value_range)
+    arr = arr[..., 0] if arr.shape[-1] == 1 else arr
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A unique name in the same folder (so os.replace is atomic); open() honours the umask.
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
+    try:
+        with open(tmp, "xb") as f:
+            Image.fromarray(arr).save(f, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """Sorted image files (png/jpg/jpeg, any case) directly in ``folder``; clear errors if none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder {folder} does not exist")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise FileNotFoundError(f"image folder {folder} has no .png/.jpg/.jpeg images")
+    return files
