@@ -162,3 +162,22 @@ def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, num_projections: int,
     pa = torch.sort(a.double() @ theta, dim=0).values
     pb = torch.sort(b.double() @ theta, dim=0).values
     return float((pa - pb).pow(2).mean().sqrt())
+
+
+def make_toy_problem(d: int = 4, m: int = 4, p: int = 2, num_components: int = 6,
+                     spread: float = 1.5, component_var: float = 1.0, sigma_y: float = 0.3,
+                     seed: int = 0):
+    """A small overlapping-mixture problem (spec section 5, practical notes).
+
+    Means ~ N(0, spread^2 I) (spread comparable to the component width), W [m, d] with
+    orthonormal columns, A [p, m] from `svd_operator`, y0 = A W z0 + N(0, sigma_y^2)
+    for one prior draw z0. Returns (model, operator, y0 [1, p], z0 [1, d]).
+    """
+    g = torch.Generator().manual_seed(seed)
+    means = spread * torch.randn(num_components, d, generator=g, dtype=torch.float64)
+    W = torch.linalg.qr(torch.randn(m, d, generator=g, dtype=torch.float64))[0]
+    model = GaussianMixtureLDM(means, component_var, torch.ones(num_components), W)
+    op = LinearOperator(svd_operator(p, m, g))
+    z0 = model.sample_prior(1, g)
+    y0 = op(model.decode(z0)) + sigma_y * torch.randn(1, p, generator=g, dtype=torch.float64)
+    return model, op, y0, z0

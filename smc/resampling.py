@@ -81,7 +81,7 @@ def residual(log_w: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """floor(N w_i) copies of particle i, the remaining R draws multinomial on the residuals."""
     w = torch.exp(normalise_log_weights(log_w.double()))
     n = w.numel()
-    counts = torch.floor(n * w).long()
+    counts = torch.floor(n * w + 1e-9).long()   # tolerance: exp(log w) rounds 2.0 to 1.999...
     rest = n - int(counts.sum())
     idx = torch.repeat_interleave(torch.arange(n, device=w.device), counts)
     if rest > 0:
