@@ -63,7 +63,7 @@ class MaskGenerator:
     Free-form strokes use Palette's defaults scaled to the image: 4-12 vertices, up to
     ``max_strokes - 1`` strokes per attempt, widths 12-40 px at 256, segment lengths
     ~ N(R, R/2) clipped to [0, 2R] with R = sqrt(H^2 + W^2) / 8, turning angles
-    2 pi / 5 +- U(0, 2 pi / 15).
+    2 pi / 5 +- U(0, 2 pi / 15), and a random left-right / up-down flip after each stroke.
     """
 
     def __init__(self, mask_type: str, mask_len_range=None, mask_prob_range=None, image_size: int = 256,
@@ -163,10 +163,21 @@ class MaskGenerator:
                 angle = _uniform(g, a_min, a_max)
                 angle = 2 * math.pi - angle if i % 2 == 0 else angle
                 r = min(max(R + R / 2 * float(torch.randn((), generator=g, device=g.device)), 0.0), 2 * R)
-                v.append((min(max(v[-1][0] + r * math.cos(angle), 0.0), n), min(max(v[-1][1] + r * math.sin(angle), 0.0), n)))
+                x = min(max(v[-1][0] + r * math.cos(angle), 0.0), n)
+                y = min(max(v[-1][1] + r * math.sin(angle), 0.0), n)
+                v.append((x, y))
             radius = _uniform(g, w_lo, w_hi) / 2.0
             for (x0, y0), (x1, y1) in zip(v[:-1], v[1:]):
-                hole |= _capsule(xx, yy, x0, y0, x1, y1, radius)
+                # Only the segment's bounding box (grown by the radius) can change.
+                r0, r1 = max(0, int(min(y0, y1) - radius)), min(n, int(max(y0, y1) + radius) + 2)
+                c0, c1 = max(0, int(min(x0, x1) - radius)), min(n, int(max(x0, x1) + radius) + 2)
+                hole[r0:r1, c0:c1] |= _capsule(xx[r0:r1, c0:c1], yy[r0:r1, c0:c1], x0, y0, x1, y1, radius)
+            # Palette means to flip the drawing at random after each stroke (its PIL call
+            # discards the result); we do flip, so strokes are not biased to one direction.
+            if float(torch.randn((), generator=g, device=g.device)) > 0:
+                hole = hole.flip(1)
+            if float(torch.randn((), generator=g, device=g.device)) > 0:
+                hole = hole.flip(0)
         return hole
 
 
