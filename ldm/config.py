@@ -170,10 +170,11 @@ def load_model(config: str | os.PathLike | dict, device: str | torch.device = "c
     check_attention_backend(attention)
     model_cfg = read_config(config)
     params = model_cfg.get("params", {})
-    ckpt = ckpt if ckpt is not None else params.get("ckpt_path")
-    fs_params = (params.get("first_stage_config") or {}).get("params", {}) if isinstance(
-        params.get("first_stage_config"), dict) else {}
-    first_stage_ckpt = first_stage_ckpt if first_stage_ckpt is not None else fs_params.get("ckpt_path")
+    fs_cfg = params.get("first_stage_config")
+    fs_params = fs_cfg.get("params", {}) if isinstance(fs_cfg, dict) else {}
+    # An empty path in a config means "none".
+    ckpt = ckpt if ckpt is not None else (params.get("ckpt_path") or None)
+    first_stage_ckpt = first_stage_ckpt if first_stage_ckpt is not None else (fs_params.get("ckpt_path") or None)
     if ckpt is None and first_stage_ckpt is None:
         raise ConfigError("no checkpoint to load: pass ckpt=... or set model.params.ckpt_path in the config")
     paths = [require_file(p) for p in (ckpt, first_stage_ckpt) if p is not None]  # fail early, before reading
