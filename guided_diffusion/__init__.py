@@ -1,0 +1,1 @@
+"""Measurement operators and noise models with the DPS names (see measurements.py)."""

@@ -18,6 +18,7 @@ the same mask in every run, whatever the batch it is in.
 """
 from __future__ import annotations
 
+import inspect
 import math
 import zlib
 from typing import Mapping, Sequence
@@ -101,7 +102,11 @@ class MaskGenerator:
 
     @classmethod
     def from_config(cls, cfg: Mapping) -> "MaskGenerator":
-        """Build from a task YAML's ``mask_opt`` mapping (DPS keys)."""
+        """Build from a task YAML's ``mask_opt`` mapping (DPS keys); unknown keys are named."""
+        valid = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+        unknown = sorted(set(cfg) - set(valid))
+        if unknown:
+            raise TypeError(f"mask_opt has unknown key(s) {unknown}; valid keys: {valid}")
         return cls(**dict(cfg))
 
     def __call__(self, generator: torch.Generator) -> torch.Tensor:
