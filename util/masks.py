@@ -111,7 +111,8 @@ class MaskGenerator:
 
     def __call__(self, generator: torch.Generator) -> torch.Tensor:
         if not isinstance(generator, torch.Generator):
-            raise TypeError("MaskGenerator needs an explicit torch.Generator, e.g. util.masks.generator_for_index(seed, i)")
+            raise TypeError("MaskGenerator needs an explicit torch.Generator, "
+                            "e.g. util.masks.generator_for_index(seed, i)")
         if self.mask_type == "box":
             return self.box(generator)[0]
         if self.mask_type == "extreme":

@@ -179,7 +179,8 @@ def fid_inception(dims: int = 2048, weights=None, device="cpu", seed: int = 0) -
     if weights is None:
         weights = hub_checkpoint(FID_INCEPTION_URL, "FID")
     if weights != "random" and not Path(weights).is_file():
-        raise MissingWeightsError(f"FID Inception weights file {weights} does not exist (download from {FID_INCEPTION_URL})")
+        raise MissingWeightsError(f"FID Inception weights file {weights} does not exist "
+                                  f"(download from {FID_INCEPTION_URL})")
 
     def build() -> nn.Module:
         net = _fid_inception_architecture()
@@ -226,4 +227,8 @@ def fid_from_folders(folder1, folder2, dims: int = 2048, batch_size: int = 50, d
     with torch.no_grad():
         mu1, s1 = folder_statistics(folder1, model, dims, batch_size, device, num_workers)
         mu2, s2 = folder_statistics(folder2, model, dims, batch_size, device, num_workers)
-    return float(calculate_frechet_distance(mu1, np.atleast_2d(s1), mu2, np.atleast_2d(s2)))
+    with warnings.catch_warnings():
+        # pytorch-fid passes scipy's deprecated `disp`; a singular product (fewer images than
+        # dims) is handled inside it by adding eps to the diagonals, as upstream does.
+        warnings.filterwarnings("ignore", message=".*disp.*deprecated", category=DeprecationWarning)
+        return float(calculate_frechet_distance(mu1, np.atleast_2d(s1), mu2, np.atleast_2d(s2)))
