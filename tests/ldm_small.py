@@ -1,4 +1,5 @@
 """Configs of the reduced reference LDMs in ../shared/fixtures/reference-ldm, built from their *_io.pt files."""
+import pytest
 import torch
 
 from conftest import REFERENCE_LDM
@@ -47,3 +48,13 @@ def small_cin_config(ckpt=SMALL_CIN_CKPT, first_stage_ckpt=SMALL_LDM_CKPT) -> di
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b||."""
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """The reduced models are tiny: one intra-op thread is faster than two, and much faster
+    than two on a busy machine (oversubscription). Restored afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

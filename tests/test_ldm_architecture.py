@@ -8,6 +8,7 @@ import torch
 from conftest import REFERENCE_LDM, ROOT
 from ldm import ConfigError, build_model
 from ldm.schedule import alphas_cumprod_from_betas, linear_beta_schedule
+from ldm_small import single_thread  # noqa: F401  (autouse fixture)
 from ldm_small import load_io, small_ldm_config
 
 FFHQ_FIRST_STAGE_PARAMS = 55_322_782

@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 from ldm import CheckpointMismatchError, CheckpointNotFoundError, load_model, safe_pickle, save_model
 from ldm.checkpoint import ema_key, read_checkpoint
 from ldm.safe_pickle import LightningStub, UnsafeCheckpointError
+from ldm_small import single_thread  # noqa: F401  (autouse fixture)
 from ldm_small import SMALL_LDM_CKPT, SMALL_LDM_LIGHTNING_CKPT, load_io, rel_err, small_ldm_config
 
 TOL = 1e-5

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from ldm import load_model
-from ldm_small import (SMALL_CIN_CKPT, SMALL_LDM_CKPT, SMALL_LDM_LIGHTNING_CKPT, load_io, rel_err,
+from ldm_small import single_thread  # noqa: F401  (autouse fixture)
+from ldm_small import (SMALL_LDM_CKPT, SMALL_LDM_LIGHTNING_CKPT, load_io, rel_err,
                        small_cin_config, small_ldm_config)
 
 TOL = 1e-5
