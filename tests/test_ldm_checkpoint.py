@@ -2,11 +2,14 @@
 key report, missing-file errors, safetensors round trip, and the standalone first stage winning."""
 import pickle
 import shutil
+import sys
+import types
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
+from conftest import ROOT
 from ldm import CheckpointMismatchError, CheckpointNotFoundError, load_model, safe_pickle, save_model
 from ldm.checkpoint import ema_key, read_checkpoint
 from ldm.safe_pickle import LightningStub, UnsafeCheckpointError
@@ -169,3 +172,47 @@ def test_standalone_first_stage_wins(tmp_path, state, io):
                 assert rel_err(model.eps(io["unet_in"], io["unet_t"]), io["unet_eps"]) < TOL
     with pytest.raises(CheckpointMismatchError, match="first_stage_model.quantize.embedding.weight"):
         load_model(small_ldm_config(), ckpt=tmp_path / "no_codebook.ckpt")
+
+
+@pytest.mark.parametrize("zipfile", [True, False], ids=["zip", "legacy"])
+def test_lightning_stubs_in_both_torch_formats(tmp_path, monkeypatch, state, zipfile):
+    # A stand-in pytorch_lightning module, present only while writing the file.
+    fake = types.ModuleType("pytorch_lightning.trainer.states")
+
+    class TrainerState:
+        def __init__(self):
+            self.stage = "fit"
+
+    TrainerState.__module__ = fake.__name__
+    TrainerState.__qualname__ = "TrainerState"
+    fake.TrainerState = TrainerState
+    for name in ("pytorch_lightning", "pytorch_lightning.trainer", fake.__name__):
+        monkeypatch.setitem(sys.modules, name, fake)
+    path = tmp_path / "pl.ckpt"
+    torch.save({"state_dict": dict(state), "loops": {TrainerState: TrainerState()}}, path,
+               _use_new_zipfile_serialization=zipfile)
+    for name in ("pytorch_lightning", "pytorch_lightning.trainer", fake.__name__):
+        monkeypatch.delitem(sys.modules, name)
+
+    with pytest.raises(pickle.UnpicklingError):  # torch's own safe loader refuses it ...
+        torch.load(path, weights_only=True)
+    loaded = read_checkpoint(path)  # ... ours reads the weights
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
+
+    marker = tmp_path / "marker"
+    torch.save({"state_dict": dict(state), "x": CopiesAFile(SMALL_LDM_CKPT, marker)}, tmp_path / "evil.ckpt",
+               _use_new_zipfile_serialization=zipfile)
+    with pytest.raises(UnsafeCheckpointError, match="'shutil.copyfile'"):
+        read_checkpoint(tmp_path / "evil.ckpt")
+    assert not marker.exists()
+
+
+def test_missing_ffhq_weights_message(tmp_path, monkeypatch):
+    """With the real FFHQ config and no downloaded weights, the error is the download command."""
+    import ldm.checkpoint
+    monkeypatch.setattr(ldm.checkpoint, "PROJECT_ROOT", tmp_path)  # weights looked up in an empty tree
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointNotFoundError) as err:
+        load_model(ROOT / "configs" / "models" / "ffhq-ldm-vq-4.yaml")
+    assert str(err.value).startswith(
+        "checkpoint models/ldm/ffhq/model.ckpt not found; run: bash scripts/download_models.sh ffhq")
