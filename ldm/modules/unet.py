@@ -16,6 +16,8 @@ class UNetModel(nn.Module):
     ``attention_resolutions`` are downsampling factors (1, 2, 4, ...) at which attention
     (AttentionBlock, or SpatialTransformer with ``use_spatial_transformer``) follows each
     residual block. The head count/width rules, including the ``legacy`` one, follow CompVis.
+    ``use_checkpoint`` (gradient checkpointing) and ``use_fp16`` are accepted and ignored: results
+    do not depend on them; use ``torch.autocast`` for reduced precision.
     """
 
     def __init__(self, image_size, in_channels, model_channels, out_channels, num_res_blocks,
