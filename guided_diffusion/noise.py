@@ -7,6 +7,7 @@ returns ``[B]``, the full log-density (constants included) summed over all non-b
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence, Union
 
 import torch
@@ -104,7 +105,7 @@ class GaussianNoise(Noise):
         y = self._check(y, Ax)
         n = Ax[0].numel()
         sq = _flat_sum((y - Ax) ** 2)
-        return -0.5 * sq / self.sigma ** 2 - 0.5 * n * torch.log(torch.tensor(2 * torch.pi * self.sigma ** 2))
+        return -0.5 * sq / self.sigma ** 2 - 0.5 * n * math.log(2 * math.pi * self.sigma ** 2)
 
 
 @register_noise("poisson")
