@@ -49,7 +49,8 @@ class LinearOperator(NonLinearOperator):
     """Base class for linear A; ``transpose`` defaults to the vector-Jacobian product.
 
     For linear A, A^T y = d/dx <A x, y> (at any x, here x = 0), so the autograd VJP is the
-    exact adjoint; the graph is kept when y needs grad, so A^T is differentiable too.
+    exact adjoint; the graph is kept when y needs grad, so A^T is differentiable too. (The
+    operators below give explicit adjoints, which also work under ``torch.inference_mode``.)
     """
     is_linear = True
 
@@ -161,6 +162,9 @@ class SuperResolutionOperator(LinearOperator):
         if tuple(t.shape[-2:]) != shape:
             raise ValueError(f"super_resolution built for {what} of size {shape} got {tuple(t.shape[-2:])}")
 
+    def input_shape(self, y: torch.Tensor) -> tuple:
+        return tuple(y.shape[:-2]) + self.in_shape[-2:]
+
     def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
         self._check(x, self.in_shape[-2:], "inputs")
         return self.R_h.to(x.dtype) @ x @ self.R_w.to(x.dtype).T
@@ -194,6 +198,28 @@ class BlurOperator(LinearOperator):
         C = x.shape[1]
         w = self.kernel.to(x.dtype).expand(C, 1, -1, -1)
         return F.conv2d(F.pad(x, (pad,) * 4, mode="reflect"), w, groups=C)
+
+    def transpose(self, y: torch.Tensor) -> torch.Tensor:
+        """A^T y = P^T (k (*)^T y): transposed convolution, then the reflection padding's
+        adjoint (each padded pixel's value is added back onto the pixel it mirrors)."""
+        _check_image_batch(y, f"{self.name}.transpose")
+        pad, C = self.kernel_size // 2, y.shape[1]
+        z = F.conv_transpose2d(y, self.kernel.to(y.dtype).expand(C, 1, -1, -1), groups=C)
+        return _reflect_pad_adjoint(_reflect_pad_adjoint(z, pad, -2), pad, -1)
+
+
+def _reflect_pad_adjoint(z: torch.Tensor, p: int, dim: int) -> torch.Tensor:
+    """Adjoint of ``F.pad(x, ..., mode="reflect")`` by p along ``dim``: padded index i < p
+    copies x[p - i] and padded index p + n + j copies x[n - 2 - j], so those entries of z
+    are added to x's entries 1..p and n-1-p..n-2."""
+    if p == 0:
+        return z
+    n = z.shape[dim] - 2 * p
+    left, centre, right = z.narrow(dim, 0, p), z.narrow(dim, p, n), z.narrow(dim, p + n, p)
+    zeros = lambda k: z.new_zeros(z.shape[:dim % z.dim()] + (k,) + z.shape[dim % z.dim() + 1:])  # noqa: E731
+    from_left = torch.cat([zeros(1), left.flip(dim), zeros(n - 1 - p)], dim=dim)
+    from_right = torch.cat([zeros(n - 1 - p), right.flip(dim), zeros(1)], dim=dim)
+    return centre + from_left + from_right
 
 
 @register_operator("gaussian_blur")

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from guided_diffusion.measurements import OPERATORS, get_operator
+from guided_diffusion.measurements import OPERATORS, LinearOperator, get_operator
 from tests.conftest import DPS_OPERATORS
 
 H = 8  # small images keep gradcheck fast
@@ -98,6 +98,15 @@ def test_transpose_is_adjoint(case):
     lhs, rhs = (op(x) * y).sum(), (x * op.transpose(y)).sum()
     torch.testing.assert_close(lhs, rhs, atol=1e-10, rtol=1e-10)
     assert op.transpose(y).shape == x.shape
+    vjp = LinearOperator.transpose(op, y)  # the generic autograd adjoint agrees
+    with torch.inference_mode():  # explicit adjoints need no autograd
+        torch.testing.assert_close(op.transpose(y), vjp)
+
+
+def test_blur_adjoint_with_wide_padding():
+    op = get_operator("motion_blur", kernel_size=15, intensity=0.5, seed=1)
+    x, y = torch.randn(2, 3, 9, 11, dtype=torch.float64), torch.randn(2, 3, 9, 11, dtype=torch.float64)
+    torch.testing.assert_close((op(x) * y).sum(), (x * op.transpose(y)).sum(), atol=1e-10, rtol=1e-10)
 
 
 def test_phase_retrieval_is_not_linear_and_keeps_energy():
