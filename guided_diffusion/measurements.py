@@ -26,7 +26,7 @@ def register_operator(name: str):
     return register(OPERATORS, name)
 
 
-def get_operator(name: str, **kwargs) -> NonLinearOperator:
+def get_operator(name: str, **kwargs) -> Operator:
     """Build the operator registered as ``name`` (DPS names); unknown names/arguments raise."""
     return build(OPERATORS, "operator", name, kwargs)
 
@@ -37,15 +37,19 @@ def _check_image_batch(x: torch.Tensor, who: str) -> None:
         raise ValueError(f"{who} expects an image batch [B, C, H, W], got {shape}")
 
 
-class NonLinearOperator(nn.Module):
-    """Base class: ``forward(x)`` is A(x); no adjoint."""
+class Operator(nn.Module):
+    """Base class of every operator: ``forward(x)`` is A(x); ``is_linear``; ``transpose``."""
     is_linear = False
 
     def transpose(self, y: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"operator '{self.name}' is not linear, so it has no transpose")
 
 
-class LinearOperator(NonLinearOperator):
+class NonLinearOperator(Operator):
+    """Base class for nonlinear A: no adjoint."""
+
+
+class LinearOperator(Operator):
     """Base class for linear A; ``transpose`` defaults to the vector-Jacobian product.
 
     For linear A, A^T y = d/dx <A x, y> (at any x, here x = 0), so the autograd VJP is the
