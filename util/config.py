@@ -67,7 +67,8 @@ class DataConfig:
     centre-crop to this size (None: the model's image size). `class_label`: one class label
     for every image (class-conditional models); `labels_file`: per-image labels instead, a
     text file of `filename label` lines (or `filename,label`). `max_images`: use only the
-    first this many images (None: all).
+    first this many images (None: all). `batch_size`: images sampled together (the CLI's
+    --batch_size wins; 1 as the authors, whose sampler takes one image at a time).
     """
 
     name: str = "folder"
@@ -76,6 +77,7 @@ class DataConfig:
     class_label: int | None = None
     labels_file: str | None = None
     max_images: int | None = None
+    batch_size: int = 1
 
 
 @dataclass

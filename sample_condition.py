@@ -1,0 +1,425 @@
+"""Restore images with LD-SMC: measure each image of a folder, sample the posterior, write the outputs.
+
+    python sample_condition.py                     # the demo: box inpainting of held-out digits
+    python sample_condition.py --task_config configs/tasks/inpainting_config.yaml --num_particles 5
+
+Takes the authors' flags (`--ldm_config`, `--diffusion_config` = the LDM checkpoint,
+`--task_config`, `--save_dir`, `--ddim_steps`, `--kappa1`, `--kappa2`, `--rho`, `--s`,
+`--num_particles`, `--num_gibbs_iters`, `--gpu`, `--seed`) and ours (`--preset`,
+`--batch_size`, `--device`, `--max_images`, `--overwrite`, and dotted `key=value`
+overrides of the task config, e.g. `data.root=../shared/data/ffhq-samples`).
+
+Precedence: a flag given on the command line > the task YAML (`sampler:` section,
+`model:` section) > the sampler's own defaults (`smc.LDSMCConfig`, the authors' values).
+Every image i gets its own torch.Generator seeded from (seed, i), used for its mask, its
+measurement noise and its sampler draws, so a result does not depend on the batch it ran
+in, and a rerun resumes where the last one stopped (see util/outputs.py for the tree).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent
+DEMO_TASK = "configs/tasks/demo/inpainting_config.yaml"
+DEMO_MODEL = "configs/models/demo.yaml"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: the authors' flags first, then ours. `None` defaults mean 'from the task / sampler'."""
+    p = argparse.ArgumentParser(
+        prog="sample_condition", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument_group("the authors' flags")
+    a.add_argument("--ldm_config", default=None,
+                   help="model config YAML (CompVis layout); default: the task's model.config, else the demo model")
+    a.add_argument("--diffusion_config", default=None,
+                   help="the LDM checkpoint (.ckpt or .safetensors); default: the model config's ckpt_path")
+    a.add_argument("--task_config", default=DEMO_TASK, help="task YAML (DPS / LD-SMC layout)")
+    a.add_argument("--save_dir", default="./results", help="outputs go to SAVE_DIR/<task name>/")
+    a.add_argument("--ddim_steps", type=int, default=None,
+                   help="timesteps on the chain 999 -> 0 (1000: the full chain, the authors' default)")
+    a.add_argument("--kappa1", type=float, default=None, help="first gradient scale (default 1.0)")
+    a.add_argument("--kappa2", type=float, default=None, help="second gradient scale (default 2.5)")
+    a.add_argument("--rho", type=float, default=None, help="balance of the two guidance terms (default 0.75)")
+    a.add_argument("--s", type=int, default=None, help="timestep at which the proposal switches (default 333)")
+    a.add_argument("--num_particles", type=int, default=None, help="particles per image (default 1)")
+    a.add_argument("--num_gibbs_iters", type=int, default=None, help="Gibbs iterations (default 1)")
+    a.add_argument("--gpu", type=int, default=0, help="CUDA device index; -1 or no CUDA: the CPU")
+    a.add_argument("--seed", type=int, default=42, help="seed; image i draws from a generator seeded by (seed, i)")
+    o = p.add_argument_group("our flags")
+    o.add_argument("--preset", choices=("reference", "exact"), default=None,
+                   help="'reference' reproduces the authors' code (default), 'exact' the model of the paper")
+    o.add_argument("--batch_size", type=int, default=None, help="images sampled together (default: data.batch_size)")
+    o.add_argument("--device", default=None, help="torch device (cpu, cuda, cuda:1, mps); wins over --gpu")
+    o.add_argument("--max_images", type=int, default=None, help="restore only the first this many images")
+    o.add_argument("--overwrite", action="store_true", help="redo images whose outputs exist (default: resume)")
+    o.add_argument("--no_figures", action="store_true", help="skip the per-image figures")
+    o.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="task config overrides, e.g. data.root=path measurement.noise.sigma=0.05")
+    return p
+
+
+def resolve_path(path: str | Path | None) -> Path | None:
+    """A path as given if it exists (relative to the current folder), else relative to the project root."""
+    if path is None:
+        return None
+    path = Path(path).expanduser()
+    if path.is_absolute() or path.exists():
+        return path
+    alt = PROJECT_ROOT / path
+    return alt if alt.exists() else path
+
+
+def select_device(args):
+    """--device wins; else cuda:<gpu> when CUDA is there and gpu >= 0; else the CPU (the authors' --gpu)."""
+    import torch
+
+    from util.config import ConfigError
+
+    if args.device:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError as e:
+            raise ConfigError(f"--device {args.device!r} is not a torch device ({e})") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"--device {args.device} asked for CUDA, but torch sees no CUDA device: use --device cpu")
+        return device
+    if args.gpu >= 0 and torch.cuda.is_available():
+        if args.gpu >= torch.cuda.device_count():
+            raise ConfigError(f"--gpu {args.gpu}: there are only {torch.cuda.device_count()} CUDA device(s)")
+        return torch.device(f"cuda:{args.gpu}")
+    return torch.device("cpu")
+
+
+def sampler_config(args, task):
+    """LDSMCConfig from its defaults, then the task's `sampler:` section, then the flags given."""
+    from smc import LDSMCConfig
+    from util.config import ConfigError
+
+    values = dict(task.sampler)
+    flags = dict(num_particles=args.num_particles, kappa1=args.kappa1, kappa2=args.kappa2, rho=args.rho,
+                 s=args.s, num_gibbs_iters=args.num_gibbs_iters, num_steps=args.ddim_steps, preset=args.preset)
+    values.update({k: v for k, v in flags.items() if v is not None})
+    noise = task.measurement.noise
+    if noise["name"] == "gaussian" and "sigma_y" not in values:
+        values["sigma_y"] = float(noise["sigma"])
+    try:
+        return LDSMCConfig(**values).resolve()
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"sampler settings: {e}") from None
+
+
+def sampler_fields() -> list[str]:
+    from smc import LDSMCConfig
+
+    return [f.name for f in dataclasses.fields(LDSMCConfig)]
+
+
+class Restorer:
+    """One run's model, operator, noise, data and outputs; `restore(indices)` does a batch of images."""
+
+    def __init__(self, task, cfg, device, seed: int, ldm_config: Path, ckpt: Path | None, task_path: Path,
+                 resolve, log):
+        import torch
+
+        from data.dataset import get_dataset
+        from guided_diffusion.measurements import get_noise, get_operator
+        from ldm import load_model
+        from util.config import ConfigError
+        from util.masks import MaskGenerator
+
+        self.task, self.cfg, self.device, self.seed, self.log = task, cfg, device, seed, log
+        self.ldm_config, self.ckpt, self.task_path = ldm_config, ckpt, task_path
+        if cfg.select == "all":
+            raise ConfigError("sampler.select=all keeps every particle; the CLI writes one reconstruction "
+                              "per image: use select=max_weight or select=sample")
+        meas = task.measurement
+        self.model = load_model(ldm_config, device=device, ckpt=ckpt)
+        size = self.model.image_shape[-1]
+        checks = [("data.image_size", task.data.image_size),
+                  ("measurement.mask_opt.image_size", (meas.mask_opt or {}).get("image_size")),
+                  ("measurement.operator.in_shape", (meas.operator.get("in_shape") or [None])[-1])]
+        for key, value in checks:
+            if value is not None and int(value) != size:
+                raise ConfigError(f"task {task_path}: {key} is {value}, but the model {ldm_config} makes "
+                                  f"{size}x{size} images: use a task made for this model, or set {key}={size}")
+        self.dataset = get_dataset(task.data.name, resolve(task.data.root), image_size=size)
+        self.labels = self._labels(resolve) if self.model.cond_stage is not None else None
+        op_kwargs = {k: v for k, v in meas.operator.items() if k != "name"}
+        if meas.operator["name"] == "motion_blur" and "seed" not in op_kwargs and "kernel" not in op_kwargs:
+            op_kwargs["seed"] = seed  # one motion kernel per run, from --seed
+        try:
+            self.operator = get_operator(meas.operator["name"], device=device, **op_kwargs)
+            self.noise = get_noise(meas.noise["name"], **{k: v for k, v in meas.noise.items() if k != "name"})
+            self.masks = MaskGenerator.from_config(meas.mask_opt) if meas.operator["name"] == "inpainting" else None
+        except (TypeError, ValueError, NameError, KeyError) as e:
+            raise ConfigError(f"task {task_path}, section measurement: {e}") from None
+        self.lpips, self.lpips_note = self._lpips()
+
+    def _labels(self, resolve):
+        """Class labels per image for a class-conditional model: data.class_label or data.labels_file."""
+        from util.config import ConfigError
+
+        data = self.task.data
+        if data.class_label is not None:
+            return [int(data.class_label)] * len(self.dataset)
+        if data.labels_file is None:
+            raise ConfigError(f"the model {self.ldm_config} is class-conditional: give data.class_label=<label> "
+                              f"or data.labels_file=<file of 'filename label' lines>")
+        path = resolve(data.labels_file)
+        if not path.is_file():
+            raise ConfigError(f"data.labels_file {path} does not exist (a text file of 'filename label' lines)")
+        table = {}
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            parts = line.replace(",", " ").split()
+            if not parts or parts[0].startswith("#"):
+                continue
+            if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+                raise ConfigError(f"{path}, line {n}: expected 'filename label', got {line!r}")
+            table[parts[0]] = int(parts[1])
+        missing = [f.name for f in self.dataset.files if f.name not in table]
+        if missing:
+            raise ConfigError(f"{path} has no label for {missing[:3]} (and {max(0, len(missing) - 3)} more)")
+        return [table[f.name] for f in self.dataset.files]
+
+    def _lpips(self):
+        """LPIPS(alex) if its backbone weights are on disk; else None and the reason (never random weights)."""
+        from util.metrics import LPIPS, MissingWeightsError
+
+        try:
+            return LPIPS("alex", device=self.device), "LPIPS(alex)"
+        except (MissingWeightsError, ImportError) as e:
+            self.log.info(f"LPIPS unavailable: {e}")
+            return None, f"unavailable: {e}"
+
+    def prepare_outputs(self, save_dir, overwrite: bool):
+        """The output tree, checked against (or reset to) this run's settings."""
+        from util.outputs import OutputTree
+
+        self.tree = OutputTree(save_dir, self.task.name)
+        self.tree.prepare(self.settings(), overwrite=overwrite)
+        return self.tree
+
+    def settings(self) -> dict:
+        """What determines the results (a resumed run must match it)."""
+        return {"task": self.task.to_dict(), "sampler": dataclasses.asdict(self.cfg), "seed": self.seed,
+                "model_config": str(self.ldm_config.resolve()),
+                "checkpoint": str(self.ckpt.resolve()) if self.ckpt else None}
+
+    def restore(self, indices: list[int], make_figures: bool = True) -> None:
+        """Measure, sample and write the outputs of images `indices` (one generator per image)."""
+        import torch
+        from tqdm import tqdm
+
+        from smc import ld_smc_sample, strided_timesteps
+        from util.config import ConfigError
+        from util.figures import restoration_figure
+        from util.images import to_uint8
+        from util.masks import generator_for_index, mask_for_index
+
+        try:
+            items = [self.dataset[i] for i in indices]
+        except ValueError as e:  # an unreadable image file: the message names it
+            raise ConfigError(str(e)) from None
+        x = torch.stack([item[1] for item in items]).to(self.device)
+        gens = [generator_for_index(self.seed, i, "sample", device=self.device) for i in indices]
+        mask = None
+        if self.masks is not None:
+            mask = torch.stack([mask_for_index(self.masks, self.seed, i, device=self.device) for i in indices])
+            self.operator.set_mask(mask)
+        with torch.no_grad():
+            y = self.noise(self.operator(x), generator=gens)
+        cond = (torch.tensor([self.labels[i] for i in indices], device=self.device)
+                if self.labels is not None else None)
+        steps = (len(strided_timesteps(self.cfg.num_steps, len(self.model.alphas_cumprod))) - 1) \
+            * self.cfg.num_gibbs_iters
+        bar = tqdm(total=steps, desc=f"images {indices[0]}-{indices[-1]}", unit="step", leave=False,
+                   dynamic_ncols=True)
+        t0 = time.time()
+        res = ld_smc_sample(self.model, self.operator, y, self.cfg, generator=gens, cond=cond,
+                            callback=lambda state: bar.update(1))
+        seconds = (time.time() - t0) / len(indices)
+        bar.close()
+        label_img = self._label_images(y, x)
+        m = self._metrics(x, res.x0, res.x0_refined, y if label_img is not None and y.shape == x.shape else None)
+        for b, i in enumerate(indices):
+            tree = self.tree
+            tree.save_png("input", i, to_uint8(x[b]))
+            if label_img is not None:
+                tree.save_png("label", i, label_img[b])
+            tree.save_png("recon", i, to_uint8(res.x0[b]))
+            if res.x0_refined is not None:
+                tree.save_png("recon_opt", i, to_uint8(res.x0_refined[b]))
+            if mask is not None:
+                tree.save_png("mask", i, to_uint8(mask[b], value_range=(0.0, 1.0))[..., 0])
+            if make_figures:
+                panels = [("measurement", label_img[b] if label_img is not None else None),
+                          ("LD-SMC", to_uint8(res.x0[b]))]
+                if res.x0_refined is not None:
+                    panels.append(("refined", to_uint8(res.x0_refined[b])))
+                panels.append(("ground truth", to_uint8(x[b])))
+                from util.outputs import atomic_write_bytes
+                atomic_write_bytes(tree.path("figures", i), restoration_figure(
+                    panels, res.ess[b].cpu().numpy(), self.cfg.num_particles,
+                    title=f"{self.task.name} {i:05d} ({items[b][2]}), N = {self.cfg.num_particles}"))
+            record = {"index": i, "file": items[b][2], "seconds": seconds,
+                      "class_label": None if self.labels is None else self.labels[i],
+                      "selected_particle": int(res.selected[b]), "final_ess": float(res.ess[b, -1])}
+            record.update({k: v[b] for k, v in m.items()})
+            tree.save_record(i, record)  # last: marks image i as done
+
+    def _label_images(self, y, x):
+        """The measurement as uint8 images [B, H, W, 3] where it is image-shaped, else None."""
+        import torch
+
+        from util.images import to_uint8
+
+        if y.dim() != 4 or y.shape[1] not in (1, 3):
+            return None
+        if self.task.measurement.operator["name"] == "phase_retrieval":  # a Fourier magnitude: log scale
+            mag = torch.log1p(y.abs())
+            lo = mag.flatten(1).min(1).values.view(-1, 1, 1, 1)
+            hi = mag.flatten(1).max(1).values.view(-1, 1, 1, 1)
+            return to_uint8((mag - lo) / (hi - lo).clamp(min=1e-12), value_range=(0.0, 1.0))
+        return to_uint8(y)
+
+    def _metrics(self, x, recon, recon_opt, measurement) -> dict:
+        """Per-image PSNR / SSIM (on [0, 1]) and LPIPS (on [-1, 1]) of each output against the ground truth."""
+        import torch
+
+        from util.images import to_unit
+        from util.metrics import psnr, ssim
+
+        out = {}
+        for name, img in (("recon", recon), ("recon_opt", recon_opt), ("measurement", measurement)):
+            if img is None:
+                continue
+            img = img.clamp(-1, 1)
+            out[f"psnr_{name}"] = psnr(to_unit(img), to_unit(x)).tolist()
+            out[f"ssim_{name}"] = ssim(to_unit(img), to_unit(x)).tolist()
+            if self.lpips is not None:
+                with torch.no_grad():
+                    out[f"lpips_{name}"] = self.lpips(img, x).tolist()
+        return out
+
+    def summarise(self, indices) -> dict:
+        """Write metrics.csv and summary.json for images `indices`; return the summary."""
+        import torch
+
+        from util.logging import git_commit, package_version
+        from util.outputs import METRIC_COLUMNS, mean_std
+
+        records = self.tree.records(indices)
+        self.tree.write_metrics_csv(records)
+        keys = [k for k in METRIC_COLUMNS if k.split("_")[0] in ("psnr", "ssim", "lpips")] + ["seconds"]
+        stats = mean_std(records, keys)
+
+        def mean(k):
+            return stats[k]["mean"] if stats.get(k) else None
+        summary = {
+            "task": self.task.name, "task_config": str(self.task_path), "images": len(records),
+            "comparison": {"n": len(records), "psnr_recon": mean("psnr_recon"),
+                           "psnr_recon_opt": mean("psnr_recon_opt"),
+                           "psnr_measurement": mean("psnr_measurement"),
+                           "psnr_gain_db": (mean("psnr_recon") - mean("psnr_measurement")
+                                            if mean("psnr_recon") is not None and mean("psnr_measurement") is not None
+                                            else None)},
+            "metrics": stats, "lpips": self.lpips_note, "preset": self.cfg.preset,
+            "sampler": dataclasses.asdict(self.cfg), "config": self.settings(),
+            "version": package_version(), "git_commit": git_commit(), "device": str(self.device),
+            "torch": torch.__version__,
+        }
+        self.tree.write_summary(summary)
+        return summary
+
+
+def run(args) -> dict:
+    """Load everything, restore the images not yet done, write metrics.csv and summary.json; return the summary."""
+    import torch
+    from tqdm import tqdm
+
+    from util.config import ConfigError, load_task
+    from util.logging import get_logger
+
+    log = get_logger()
+    task_path = resolve_path(args.task_config)
+    task = load_task(task_path, args.overrides, sampler_fields=sampler_fields())
+    cfg = sampler_config(args, task)
+    device = select_device(args)
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ConfigError(f"--batch_size must be >= 1, got {args.batch_size}")
+    if args.max_images is not None and args.max_images < 1:
+        raise ConfigError(f"--max_images must be >= 1, got {args.max_images}")
+
+    restorer = Restorer(task, cfg, device, seed=args.seed,
+                        ldm_config=resolve_path(args.ldm_config or task.model.config or DEMO_MODEL),
+                        ckpt=resolve_path(args.diffusion_config or task.model.ckpt),
+                        task_path=task_path, resolve=resolve_path, log=log)
+    max_images = args.max_images or task.data.max_images
+    n_total = len(restorer.dataset) if max_images is None else min(max_images, len(restorer.dataset))
+    tree = restorer.prepare_outputs(args.save_dir, overwrite=args.overwrite)
+    todo = [i for i in range(n_total) if not tree.is_done(i)]
+    log.info(f"task {task.name}: {n_total} images, {n_total - len(todo)} already done; model "
+             f"{restorer.ldm_config}; device {device}; preset {cfg.preset}, N = {cfg.num_particles}, "
+             f"{cfg.num_steps} steps; outputs in {tree.root}")
+    batch_size = args.batch_size or task.data.batch_size
+    bar = tqdm(total=len(todo), desc="images", unit="img", dynamic_ncols=True)
+    for start in range(0, len(todo), batch_size):
+        restorer.restore(todo[start:start + batch_size], make_figures=not args.no_figures)
+        bar.update(len(todo[start:start + batch_size]))
+    bar.close()
+    summary = restorer.summarise(range(n_total))
+    comp = summary["comparison"]
+    if comp["psnr_recon"] is not None:
+        line = (f"mean PSNR over {comp['n']} images: reconstruction {comp['psnr_recon']:.2f} dB, "
+                f"refined {comp['psnr_recon_opt']:.2f} dB" if comp["psnr_recon_opt"] is not None else
+                f"mean PSNR over {comp['n']} images: reconstruction {comp['psnr_recon']:.2f} dB")
+        if comp["psnr_measurement"] is not None:
+            line += (f", measurement {comp['psnr_measurement']:.2f} dB "
+                     f"({comp['psnr_recon'] - comp['psnr_measurement']:+.2f} dB)")
+        print(line)
+    print(f"outputs: {tree.root}")
+    return summary
+
+
+def user_errors() -> tuple:
+    """The project's error classes whose message tells the user what to fix (printed without a traceback)."""
+    from util.config import ConfigError
+
+    errors = [ConfigError, FileNotFoundError, NotADirectoryError]
+    for module, name in (("ldm", "CheckpointNotFoundError"), ("ldm", "CheckpointMismatchError"),
+                         ("ldm", "ConfigError"), ("util.metrics", "MissingWeightsError")):
+        try:
+            cls = getattr(__import__(module, fromlist=[name]), name, None)
+        except ImportError:
+            cls = None
+        if isinstance(cls, type) and issubclass(cls, BaseException):
+            errors.append(cls)
+    return tuple(errors)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: returns 0 on success, 2 on a user error (printed as `error: ...`, no traceback)."""
+    if str(PROJECT_ROOT) not in sys.path:
+        sys.path.insert(0, str(PROJECT_ROOT))
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except user_errors() as e:
+        msg = str(e)
+        if isinstance(e, KeyError):
+            msg = msg.strip("'\"")
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished images are kept; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""Per-image figure of a restoration: measurement, reconstructions, ground truth, and the ESS over time."""
+from __future__ import annotations
+
+import io
+from typing import Sequence
+
+import numpy as np
+
+
+def restoration_figure(panels: Sequence[tuple[str, np.ndarray | None]], ess: np.ndarray | None,
+                       num_particles: int, title: str = "") -> bytes:
+    """Render one PNG: image panels in a row, then the ESS per transition.
+
+    panels: (title, [H, W, 3] uint8 image or None for "not image-shaped"), e.g.
+        measurement, recon, recon_opt, ground truth.
+    ess: [transitions] effective sample size after each weight update (None: no plot).
+    Returns the PNG file contents (the caller writes them atomically).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    n = len(panels) + (ess is not None)
+    fig, axes = plt.subplots(1, n, figsize=(2.4 * n, 2.7), dpi=100)
+    axes = np.atleast_1d(axes)
+    for ax, (name, img) in zip(axes, panels):
+        ax.set_title(name, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if img is None:
+            ax.text(0.5, 0.5, "not an image", ha="center", va="center", fontsize=8, transform=ax.transAxes)
+        else:
+            ax.imshow(img, interpolation="nearest")
+    if ess is not None:
+        ax = axes[-1]
+        ess = np.asarray(ess, dtype=float).reshape(-1)
+        ax.plot(np.arange(1, len(ess) + 1), ess, lw=1.2)
+        ax.set_ylim(0, num_particles * 1.05)
+        ax.set_xlabel("transition (T -> 0)", fontsize=8)
+        ax.set_title(f"ESS (N = {num_particles})", fontsize=9)
+        ax.tick_params(labelsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
