@@ -50,13 +50,17 @@ def latent_refinement(model, operator: Callable, y0: torch.Tensor, z_init: torch
     """z_opt = argmin_z MSE(y0, A(D(z))) per image, from z_init [B, c, h, w].
 
     Image b stops when its loss is higher than `patience` iterations before, or below
-    tol, or after max_iters steps (reference rules; the value after that step is kept).
+    tol, or after max_iters steps (reference rules). Returned: the iterate with the
+    lowest loss evaluated so far (z_init included). The reference returns the value
+    after the last step instead, which can be worse than z_init: with the quantised
+    decoder the loss is piecewise constant and the stop fires just after a rise.
     `y0` has one row per row of z_init. Returns z_opt (detached), same shape as z_init.
     """
     z = z_init.detach().clone().requires_grad_(True)
     opt = torch.optim.AdamW([z], lr=lr)
     done = torch.zeros(z.shape[0], dtype=torch.bool, device=z.device)
-    out = z.detach().clone()
+    best = z.detach().clone()
+    best_loss = torch.full((z.shape[0],), float("inf"), device=z.device)
     history = []
     y0 = y0.detach()
     for it in range(max_iters):
@@ -64,10 +68,11 @@ def latent_refinement(model, operator: Callable, y0: torch.Tensor, z_init: torch
         with torch.enable_grad():
             loss = _per_image_mse(y0, operator(model.decode(z)))
             loss.sum().backward()
-        opt.step()
-        live = ~done
-        out[live] = z.detach()[live]
         cur = loss.detach()
+        better = ~done & (cur < best_loss)                 # loss of the iterate before this step
+        best[better] = z.detach()[better]
+        best_loss = torch.where(better, cur, best_loss)
+        opt.step()
         history.append(cur)
         stop = cur < tol
         if it >= patience:
@@ -75,4 +80,4 @@ def latent_refinement(model, operator: Callable, y0: torch.Tensor, z_init: torch
         done = done | stop
         if bool(done.all()):
             break
-    return out
+    return best

@@ -11,7 +11,7 @@ WEIGHTS = torch.tensor([0.05, 0.4, 0.15, 0.3, 0.1], dtype=torch.float64)
 
 @pytest.mark.parametrize("scheme", sorted(SCHEMES))
 def test_expected_offspring_counts_are_n_w(scheme):
-    n, reps = WEIGHTS.numel(), 4000
+    n, reps = WEIGHTS.numel(), 1500
     log_w = WEIGHTS.log().expand(reps, n)
     gens = per_image_generators(torch.Generator().manual_seed(0), reps, torch.device("cpu"))
     idx = resample(log_w, gens, scheme)
