@@ -3,34 +3,18 @@ project's inpainting and super-resolution operators, on a short schedule."""
 import pytest
 import torch
 
-from conftest import REFERENCE_LDM
+import ldm
+from guided_diffusion import measurements
+from ldm_small import SMALL_LDM_CKPT, single_thread, small_ldm_config  # noqa: F401 (autouse fixture)
 from smc import LDSMCConfig, ld_smc_sample
 from smc.counting import CountingModel
 
-ldm = pytest.importorskip("ldm", reason="ldm package (helper A) not importable")
-measurements = pytest.importorskip("guided_diffusion.measurements")
 pytestmark = pytest.mark.slow   # a few seconds per transition on a busy 2-core CPU
-
-
-def small_ldm_config():
-    """The CompVis-layout config of `small_ldm.ckpt`, from the settings stored in small_ldm_io.pt."""
-    io = torch.load(REFERENCE_LDM / "small_ldm_io.pt", weights_only=True)
-    return {"model": {
-        "target": "ldm.models.diffusion.ddpm.LatentDiffusion",
-        "params": {
-            "linear_start": io["linear_start"], "linear_end": io["linear_end"],
-            "timesteps": io["timesteps"], "scale_factor": 1.0, "image_size": 16, "channels": 3,
-            "unet_config": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
-                            "params": io["unet_config"]},
-            "first_stage_config": {"target": "ldm.models.autoencoder.VQModelInterface",
-                                   "params": {"ddconfig": io["ddconfig"], "embed_dim": io["embed_dim"],
-                                              "n_embed": io["n_embed"]}},
-            "cond_stage_config": "__is_unconditional__"}}}
 
 
 @pytest.fixture(scope="module")
 def model():
-    return ldm.load_model(small_ldm_config(), device="cpu", ckpt=REFERENCE_LDM / "small_ldm.ckpt")
+    return ldm.load_model(small_ldm_config(), device="cpu", ckpt=SMALL_LDM_CKPT)
 
 
 def make_operator(name, B):
