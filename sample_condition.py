@@ -25,7 +25,7 @@ from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent
 DEMO_TASK = "configs/tasks/demo/inpainting_config.yaml"
-DEMO_MODEL = "configs/models/demo.yaml"
+AUTHORS_MODEL = "configs/models/ffhq-ldm-vq-4.yaml"  # the authors' default model (FFHQ LDM)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument_group("the authors' flags")
     a.add_argument("--ldm_config", default=None,
-                   help="model config YAML (CompVis layout); default: the task's model.config, else the demo model")
+                   help="model config YAML (CompVis layout); default: the task's model.config, else the FFHQ LDM "
+                        f"({AUTHORS_MODEL}, the authors' default)")
     a.add_argument("--diffusion_config", default=None,
                    help="the LDM checkpoint (.ckpt or .safetensors); default: the model config's ckpt_path")
     a.add_argument("--task_config", default=DEMO_TASK, help="task YAML (DPS / LD-SMC layout)")
@@ -58,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--max_images", type=int, default=None, help="restore only the first this many images")
     o.add_argument("--overwrite", action="store_true", help="redo images whose outputs exist (default: resume)")
     o.add_argument("--no_figures", action="store_true", help="skip the per-image figures")
+    o.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     o.add_argument("overrides", nargs="*", metavar="key=value",
                    help="task config overrides, e.g. data.root=path measurement.noise.sigma=0.05")
     return p
@@ -124,8 +126,6 @@ class Restorer:
 
     def __init__(self, task, cfg, device, seed: int, ldm_config: Path, ckpt: Path | None, task_path: Path,
                  resolve, log):
-        import torch
-
         from data.dataset import get_dataset
         from guided_diffusion.measurements import get_noise, get_operator
         from ldm import load_model
@@ -139,6 +139,11 @@ class Restorer:
                               "per image: use select=max_weight or select=sample")
         meas = task.measurement
         self.model = load_model(ldm_config, device=device, ckpt=ckpt)
+        if self.ckpt is None:  # the model config's own ckpt_path: record the file that was read
+            from ldm.checkpoint import resolve_path as resolve_ckpt
+            from ldm.config import read_config
+            path = read_config(ldm_config).get("params", {}).get("ckpt_path")
+            self.ckpt = resolve_ckpt(path) if path else None
         size = self.model.image_shape[-1]
         checks = [("data.image_size", task.data.image_size),
                   ("measurement.mask_opt.image_size", (meas.mask_opt or {}).get("image_size")),
@@ -217,7 +222,7 @@ class Restorer:
 
         from smc import ld_smc_sample, strided_timesteps
         from util.config import ConfigError
-        from util.figures import restoration_figure
+        from util.figures import measurement_images, restoration_figure
         from util.images import to_uint8
         from util.masks import generator_for_index, mask_for_index
 
@@ -244,7 +249,7 @@ class Restorer:
                             callback=lambda state: bar.update(1))
         seconds = (time.time() - t0) / len(indices)
         bar.close()
-        label_img = self._label_images(y, x)
+        label_img = measurement_images(y, self.task.measurement.operator["name"])
         m = self._metrics(x, res.x0, res.x0_refined, y if label_img is not None and y.shape == x.shape else None)
         for b, i in enumerate(indices):
             tree = self.tree
@@ -271,21 +276,6 @@ class Restorer:
                       "selected_particle": int(res.selected[b]), "final_ess": float(res.ess[b, -1])}
             record.update({k: v[b] for k, v in m.items()})
             tree.save_record(i, record)  # last: marks image i as done
-
-    def _label_images(self, y, x):
-        """The measurement as uint8 images [B, H, W, 3] where it is image-shaped, else None."""
-        import torch
-
-        from util.images import to_uint8
-
-        if y.dim() != 4 or y.shape[1] not in (1, 3):
-            return None
-        if self.task.measurement.operator["name"] == "phase_retrieval":  # a Fourier magnitude: log scale
-            mag = torch.log1p(y.abs())
-            lo = mag.flatten(1).min(1).values.view(-1, 1, 1, 1)
-            hi = mag.flatten(1).max(1).values.view(-1, 1, 1, 1)
-            return to_uint8((mag - lo) / (hi - lo).clamp(min=1e-12), value_range=(0.0, 1.0))
-        return to_uint8(y)
 
     def _metrics(self, x, recon, recon_opt, measurement) -> dict:
         """Per-image PSNR / SSIM (on [0, 1]) and LPIPS (on [-1, 1]) of each output against the ground truth."""
@@ -346,6 +336,8 @@ def run(args) -> dict:
     from util.logging import get_logger
 
     log = get_logger()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     task_path = resolve_path(args.task_config)
     task = load_task(task_path, args.overrides, sampler_fields=sampler_fields())
     cfg = sampler_config(args, task)
@@ -356,7 +348,7 @@ def run(args) -> dict:
         raise ConfigError(f"--max_images must be >= 1, got {args.max_images}")
 
     restorer = Restorer(task, cfg, device, seed=args.seed,
-                        ldm_config=resolve_path(args.ldm_config or task.model.config or DEMO_MODEL),
+                        ldm_config=resolve_path(args.ldm_config or task.model.config or AUTHORS_MODEL),
                         ckpt=resolve_path(args.diffusion_config or task.model.ckpt),
                         task_path=task_path, resolve=resolve_path, log=log)
     max_images = args.max_images or task.data.max_images
@@ -406,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     """Console entry point: returns 0 on success, 2 on a user error (printed as `error: ...`, no traceback)."""
     if str(PROJECT_ROOT) not in sys.path:
         sys.path.insert(0, str(PROJECT_ROOT))
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     try:
         run(args)
     except user_errors() as e:

@@ -5,6 +5,7 @@ import io
 from typing import Sequence
 
 import numpy as np
+import torch
 
 
 def restoration_figure(panels: Sequence[tuple[str, np.ndarray | None]], ess: np.ndarray | None,
@@ -47,3 +48,21 @@ def restoration_figure(panels: Sequence[tuple[str, np.ndarray | None]], ess: np.
     fig.savefig(buf, format="png")
     plt.close(fig)
     return buf.getvalue()
+
+
+def measurement_images(y: torch.Tensor, operator_name: str) -> np.ndarray | None:
+    """The measurement y [B, C, h, w] as uint8 images [B, h, w, 3] where it is image-shaped, else None.
+
+    Images in [-1, 1] (masked, blurred, downsampled) are shown as they are; a Fourier
+    magnitude (phase retrieval) as log(1 + |y|), scaled per image to [0, 1].
+    """
+    from util.images import to_uint8
+
+    if y.dim() != 4 or y.shape[1] not in (1, 3):
+        return None
+    if operator_name == "phase_retrieval":
+        mag = torch.log1p(y.abs())
+        lo = mag.flatten(1).min(1).values.view(-1, 1, 1, 1)
+        hi = mag.flatten(1).max(1).values.view(-1, 1, 1, 1)
+        return to_uint8((mag - lo) / (hi - lo).clamp(min=1e-12), value_range=(0.0, 1.0))
+    return to_uint8(y)
