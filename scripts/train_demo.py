@@ -284,7 +284,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ae_batch", type=int, default=16)
     p.add_argument("--unet_iters", type=int, default=2000)
     p.add_argument("--unet_batch", type=int, default=64)
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy machine)")
     p.add_argument("--quick", action="store_true", help="a tiny model and a few iterations (a smoke test)")
     args = p.parse_args(argv)
     if args.quick:
