@@ -57,8 +57,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.config and not args.random_weights and args.ckpt is None:
         print("note: loading the config's checkpoint (pass --random-weights to time without one)")
-    if args.steps < 3:
-        p.error("--steps must be >= 3 (two transitions with t' > 0 are needed to count calls)")
+    if not 4 <= args.steps <= 1000:
+        p.error("--steps must be in [4, 1000] (calls are counted between two transitions with t' > 0)")
     return args
 
 
