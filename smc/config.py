@@ -123,6 +123,9 @@ class LDSMCConfig:
                                             and 0.0 < self.ess_threshold <= 1.0),
              f"ess_threshold must be None (resample every step) or a float in (0, 1], "
              f"got {self.ess_threshold!r}")
+        need(self.aux_observations or self.num_gibbs_iters == 1,
+             "num_gibbs_iters > 1 needs aux_observations=True (Gibbs iterations redraw y_t; "
+             "latent TDS has none)")
         need(self.sigma_y > 0, f"sigma_y must be > 0, got {self.sigma_y}")
         need(self.decode_chunk >= 1, f"decode_chunk must be >= 1, got {self.decode_chunk}")
         for name in ("noisy_aux_obs", "final_std_sigma_y", "twist_var_sigma_y"):

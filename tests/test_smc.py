@@ -37,6 +37,8 @@ def small_cfg(**kw):
     (dict(ess_threshold=0.0), "ess_threshold"),
     (dict(log_density="median"), "unknown log_density"),
     (dict(num_particles=0), "num_particles"),
+    (dict(num_gibbs_iters=2, aux_observations=False), "needs aux_observations"),
+    (dict(noisy_aux_obs="yes"), "noisy_aux_obs must be"),
 ])
 def test_config_validation(kw, msg):
     with pytest.raises(ValueError, match=msg):

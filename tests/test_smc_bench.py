@@ -2,6 +2,7 @@
 import importlib.util
 
 import pytest
+import torch
 
 from conftest import ROOT
 
@@ -17,8 +18,12 @@ def load_script():
 
 def test_bench_smc_small_fixture(capsys):
     bench = load_script()
-    bench.main(["--small-fixture", "--device", "cpu", "--steps", "4", "--particles", "2",
-                "--xhat-iters", "2", "--threads", "1"])
+    threads = torch.get_num_threads()
+    try:
+        bench.main(["--small-fixture", "--device", "cpu", "--steps", "4", "--particles", "2",
+                    "--xhat-iters", "2", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if line.startswith("| 2 |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
