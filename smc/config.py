@@ -57,6 +57,9 @@ class LDSMCConfig:
     twist_var_sigma_y: twisting variance 1 - abar_t + sigma_y^2 (else 1 - abar_t).
     xhat_lr, xhat_max_iters, xhat_tol: pseudo-inverse x_hat (section 2, step 1).
     refine_lr, refine_max_iters, refine_patience, refine_tol: refinement (section 3, end).
+    refine_return: "best" (the iterate with the lowest evaluated loss, z_0 included: our
+        fix, never worse than z_0) or "last" (the value after the last step, as the
+        reference code returns it).
     decode_chunk: how many latents the auxiliary-path decodes batch together.
     """
 
@@ -85,6 +88,7 @@ class LDSMCConfig:
     refine_max_iters: int = 500
     refine_patience: int = 200
     refine_tol: float = 1e-10
+    refine_return: str = "best"
     decode_chunk: int = 16
     extra: dict = field(default_factory=dict)  # free-form notes carried into the result
 
@@ -127,6 +131,8 @@ class LDSMCConfig:
              "num_gibbs_iters > 1 needs aux_observations=True (Gibbs iterations redraw y_t; "
              "latent TDS has none)")
         need(self.sigma_y > 0, f"sigma_y must be > 0, got {self.sigma_y}")
+        need(self.refine_return in ("best", "last"),
+             f"refine_return must be 'best' or 'last', got {self.refine_return!r}")
         need(self.decode_chunk >= 1, f"decode_chunk must be >= 1, got {self.decode_chunk}")
         for name in ("noisy_aux_obs", "final_std_sigma_y", "twist_var_sigma_y"):
             need(isinstance(getattr(self, name), bool),

@@ -155,7 +155,8 @@ def ld_smc_sample(model, operator: Callable, y: torch.Tensor, cfg: LDSMCConfig,
         flat = z0.flatten(0, 1) if cfg.select == "all" else z0
         y_rep = y0.repeat_interleave(flat.shape[0] // B, 0)
         z_opt = latent_refinement(model, operator, y_rep, flat, cfg.refine_lr,
-                                  cfg.refine_max_iters, cfg.refine_patience, cfg.refine_tol)
+                                  cfg.refine_max_iters, cfg.refine_patience, cfg.refine_tol,
+                                  keep=cfg.refine_return)
         with torch.no_grad():
             x0_refined = model.decode(z_opt)
         if cfg.select == "all":

@@ -46,20 +46,24 @@ def pixel_pseudo_inverse(operator: Callable, y0: torch.Tensor, x_init: torch.Ten
 
 
 def latent_refinement(model, operator: Callable, y0: torch.Tensor, z_init: torch.Tensor,
-                      lr: float, max_iters: int, patience: int, tol: float) -> torch.Tensor:
+                      lr: float, max_iters: int, patience: int, tol: float,
+                      keep: str = "best") -> torch.Tensor:
     """z_opt = argmin_z MSE(y0, A(D(z))) per image, from z_init [B, c, h, w].
 
     Image b stops when its loss is higher than `patience` iterations before, or below
-    tol, or after max_iters steps (reference rules). Returned: the iterate with the
-    lowest loss evaluated so far (z_init included). The reference returns the value
-    after the last step instead, which can be worse than z_init: with the quantised
-    decoder the loss is piecewise constant and the stop fires just after a rise.
+    tol, or after max_iters steps (reference rules). Returned with keep="best": the
+    iterate with the lowest loss evaluated so far (z_init included); with keep="last":
+    the value after image b's last step, as the reference returns it, which can be worse
+    than z_init: with the quantised decoder the loss is piecewise constant and the stop
+    fires just after a rise.
     `y0` has one row per row of z_init. Returns z_opt (detached), same shape as z_init.
     """
     z = z_init.detach().clone().requires_grad_(True)
     opt = torch.optim.AdamW([z], lr=lr)
     done = torch.zeros(z.shape[0], dtype=torch.bool, device=z.device)
-    best = z.detach().clone()
+    if keep not in ("best", "last"):
+        raise ValueError(f"keep must be 'best' or 'last', got {keep!r}")
+    best, last = z.detach().clone(), z.detach().clone()
     best_loss = torch.full((z.shape[0],), float("inf"), device=z.device)
     history = []
     y0 = y0.detach()
@@ -73,6 +77,7 @@ def latent_refinement(model, operator: Callable, y0: torch.Tensor, z_init: torch
         best[better] = z.detach()[better]
         best_loss = torch.where(better, cur, best_loss)
         opt.step()
+        last[~done] = z.detach()[~done]
         history.append(cur)
         stop = cur < tol
         if it >= patience:
@@ -80,4 +85,4 @@ def latent_refinement(model, operator: Callable, y0: torch.Tensor, z_init: torch
         done = done | stop
         if bool(done.all()):
             break
-    return best
+    return best if keep == "best" else last
