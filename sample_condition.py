@@ -242,13 +242,12 @@ class Restorer:
                 if self.labels is not None else None)
         steps = (len(strided_timesteps(self.cfg.num_steps, len(self.model.alphas_cumprod))) - 1) \
             * self.cfg.num_gibbs_iters
-        bar = tqdm(total=steps, desc=f"images {indices[0]}-{indices[-1]}", unit="step", leave=False,
-                   dynamic_ncols=True)
-        t0 = time.time()
-        res = ld_smc_sample(self.model, self.operator, y, self.cfg, generator=gens, cond=cond,
-                            callback=lambda state: bar.update(1))
-        seconds = (time.time() - t0) / len(indices)
-        bar.close()
+        with tqdm(total=steps, desc=f"images {indices[0]}-{indices[-1]}", unit="step", leave=False,
+                  dynamic_ncols=True) as bar:
+            t0 = time.time()
+            res = ld_smc_sample(self.model, self.operator, y, self.cfg, generator=gens, cond=cond,
+                                callback=lambda state: bar.update(1))
+            seconds = (time.time() - t0) / len(indices)
         label_img = measurement_images(y, self.task.measurement.operator["name"])
         m = self._metrics(x, res.x0, res.x0_refined, y if label_img is not None and y.shape == x.shape else None)
         for b, i in enumerate(indices):
@@ -359,11 +358,10 @@ def run(args) -> dict:
              f"{restorer.ldm_config}; device {device}; preset {cfg.preset}, N = {cfg.num_particles}, "
              f"{cfg.num_steps} steps; outputs in {tree.root}")
     batch_size = args.batch_size or task.data.batch_size
-    bar = tqdm(total=len(todo), desc="images", unit="img", dynamic_ncols=True)
-    for start in range(0, len(todo), batch_size):
-        restorer.restore(todo[start:start + batch_size], make_figures=not args.no_figures)
-        bar.update(len(todo[start:start + batch_size]))
-    bar.close()
+    with tqdm(total=len(todo), desc="images", unit="img", dynamic_ncols=True) as bar:
+        for start in range(0, len(todo), batch_size):
+            restorer.restore(todo[start:start + batch_size], make_figures=not args.no_figures)
+            bar.update(len(todo[start:start + batch_size]))
     summary = restorer.summarise(range(n_total))
     comp = summary["comparison"]
     if comp["psnr_recon"] is not None:

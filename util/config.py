@@ -132,10 +132,10 @@ def default_task_name(measurement: Mapping) -> str:
 _TOP_KEYS = {"name", "conditioning", "data", "measurement", "model", "sampler"}
 
 
-def _require_mapping(raw: Mapping, key: str, where: str) -> dict:
+def _require_mapping(raw: Mapping, key: str, where: str, prefix: str = "") -> dict:
     value = raw.get(key)
     if not isinstance(value, Mapping):
-        raise ConfigError(f"{where}: key '{key}' is missing or not a mapping (expected e.g. "
+        raise ConfigError(f"{where}: key '{prefix}{key}' is missing or not a mapping (expected e.g. "
                           f"'{key}: {{name: ...}}')")
     return dict(value)
 
@@ -151,8 +151,8 @@ def task_from_dict(raw: Mapping, where: str = "task config", sampler_fields: Ite
     if unknown:
         raise ConfigError(f"{where}: unknown top-level key(s) {sorted(unknown)}; allowed: {sorted(_TOP_KEYS)}")
     meas = _require_mapping(raw, "measurement", where)
-    operator = _require_mapping(meas, "operator", f"{where}: measurement")
-    noise = _require_mapping(meas, "noise", f"{where}: measurement")
+    operator = _require_mapping(meas, "operator", where, "measurement.")
+    noise = _require_mapping(meas, "noise", where, "measurement.")
     for sect, d in (("operator", operator), ("noise", noise)):
         if not isinstance(d.get("name"), str):
             raise ConfigError(f"{where}: key 'measurement.{sect}.name' is missing (e.g. 'name: gaussian')")
