@@ -123,7 +123,7 @@ def test_results_do_not_depend_on_the_batch(tmp_path, capsys):
     assert cli(capsys, *common, "--batch_size", "1", "--save_dir", tmp_path / "one")[0] == 0
     assert cli(capsys, *common, "--batch_size", "2", "--save_dir", tmp_path / "two")[0] == 0
     for i in ("00000", "00001"):
-        for kind in ("mask", "label", "recon"):
+        for kind in ("mask", "label", "recon", "recon_opt"):
             a = png(tmp_path / "one" / "inpainting_random" / kind / f"{i}.png")
             b = png(tmp_path / "two" / "inpainting_random" / kind / f"{i}.png")
             assert np.abs(a.astype(int) - b.astype(int)).max() <= 1, (kind, i)
