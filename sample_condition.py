@@ -31,16 +31,15 @@ AUTHORS_MODEL = "configs/models/ffhq-ldm-vq-4.yaml"  # the authors' default mode
 def build_parser() -> argparse.ArgumentParser:
     """The command line: the authors' flags first, then ours. `None` defaults mean 'from the task / sampler'."""
     p = argparse.ArgumentParser(
-        prog="sample_condition", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        prog="sample_condition", description=__doc__.split("\n\n")[0])
     a = p.add_argument_group("the authors' flags")
     a.add_argument("--ldm_config", default=None,
                    help="model config YAML (CompVis layout); default: the task's model.config, else the FFHQ LDM "
                         f"({AUTHORS_MODEL}, the authors' default)")
     a.add_argument("--diffusion_config", default=None,
                    help="the LDM checkpoint (.ckpt or .safetensors); default: the model config's ckpt_path")
-    a.add_argument("--task_config", default=DEMO_TASK, help="task YAML (DPS / LD-SMC layout)")
-    a.add_argument("--save_dir", default="./results", help="outputs go to SAVE_DIR/<task name>/")
+    a.add_argument("--task_config", default=DEMO_TASK, help=f"task YAML (DPS / LD-SMC layout); default: {DEMO_TASK}, the demo")
+    a.add_argument("--save_dir", default="./results", help="outputs go to SAVE_DIR/<task name>/ (default ./results)")
     a.add_argument("--ddim_steps", type=int, default=None,
                    help="timesteps on the chain 999 -> 0 (1000: the full chain, the authors' default)")
     a.add_argument("--kappa1", type=float, default=None, help="first gradient scale (default 1.0)")
@@ -49,11 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--s", type=int, default=None, help="timestep at which the proposal switches (default 333)")
     a.add_argument("--num_particles", type=int, default=None, help="particles per image (default 1)")
     a.add_argument("--num_gibbs_iters", type=int, default=None, help="Gibbs iterations (default 1)")
-    a.add_argument("--gpu", type=int, default=0, help="CUDA device index; -1 or no CUDA: the CPU")
-    a.add_argument("--seed", type=int, default=42, help="seed; image i draws from a generator seeded by (seed, i)")
+    a.add_argument("--gpu", type=int, default=0, help="CUDA device index (default 0); -1 or no CUDA: the CPU")
+    a.add_argument("--seed", type=int, default=42, help="seed (default 42); image i draws from generators seeded by (seed, i)")
     o = p.add_argument_group("our flags")
     o.add_argument("--preset", choices=("reference", "exact"), default=None,
-                   help="'reference' reproduces the authors' code (default), 'exact' the model of the paper")
+                   help="'reference' reproduces the authors' code (default), 'exact' the model the paper's analysis assumes")
     o.add_argument("--batch_size", type=int, default=None, help="images sampled together (default: data.batch_size)")
     o.add_argument("--device", default=None, help="torch device (cpu, cuda, cuda:1, mps); wins over --gpu")
     o.add_argument("--max_images", type=int, default=None, help="restore only the first this many images")
@@ -400,10 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args)
     except user_errors() as e:
-        msg = str(e)
-        if isinstance(e, KeyError):
-            msg = msg.strip("'\"")
-        print(f"error: {msg}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: finished images are kept; rerun the same command to resume", file=sys.stderr)
