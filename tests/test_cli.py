@@ -256,3 +256,25 @@ def test_class_conditional_model_needs_and_gets_labels(tmp_path, capsys, monkeyp
     assert rc == 0, err
     assert seen[0].tolist() == [7, 3]
     assert [r["class_label"] for r in read_csv(tmp_path / "out" / "inpainting_box" / "metrics.csv")] == ["7", "3"]
+
+
+def test_lpips_is_recorded_when_its_weights_are_there(tmp_path, capsys, monkeypatch):
+    """With a (stand-in) LPIPS available, every image gets LPIPS values and the summary says which LPIPS."""
+    import util.metrics
+
+    class StandIn(torch.nn.Module):
+        def __init__(self, net="alex", device="cpu", **kw):
+            super().__init__()
+
+        def forward(self, x, y):  # a distance: 0 for equal images, grows with the difference
+            return (x - y).abs().flatten(1).mean(1)
+
+    monkeypatch.setattr(util.metrics, "LPIPS", StandIn)
+    rc, _, err = cli(capsys, "--task_config", f"{DEMO}/inpainting_config.yaml", "--save_dir", tmp_path, *FAST,
+                     "--no_figures")
+    assert rc == 0, err
+    row = read_csv(tmp_path / "inpainting_box" / "metrics.csv")[0]
+    for key in ("lpips_recon", "lpips_recon_opt", "lpips_measurement"):
+        assert float(row[key]) > 0, key
+    summary = json.loads((tmp_path / "inpainting_box" / "summary.json").read_text())
+    assert summary["lpips"] == "LPIPS(alex)" and summary["metrics"]["lpips_recon"]["n"] == 1
