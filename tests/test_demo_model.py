@@ -86,12 +86,17 @@ def test_samples_look_like_digits(model, held_out):
 
 
 def test_quick_training_runs(tmp_path):
-    """`--quick` trains a tiny model for a few iterations and writes loadable weights, config and grids."""
+    """`--quick` trains a tiny model for a few iterations and writes loadable weights, config and grids;
+    a second run gives the same weights."""
     threads = torch.get_num_threads()
     try:
         report = train_demo.main(["--quick", "--out", str(tmp_path)])
+        train_demo.main(["--quick", "--out", str(tmp_path / "again")])
     finally:
         torch.set_num_threads(threads)
+    from safetensors.torch import load_file
+    first, second = load_file(tmp_path / "demo_ldm.safetensors"), load_file(tmp_path / "again" / "demo_ldm.safetensors")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)  # seeded
     for name in ("demo_ldm.safetensors", "demo.yaml", "samples.png", "reconstructions.png"):
         assert (tmp_path / name).is_file(), name
     assert len(list((tmp_path / "samples").glob("*.png"))) == 20
