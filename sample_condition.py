@@ -224,6 +224,7 @@ class Restorer:
         from util.figures import measurement_images, restoration_figure
         from util.images import to_uint8
         from util.masks import generator_for_index, mask_for_index
+        from util.outputs import atomic_write_bytes
 
         try:
             items = [self.dataset[i] for i in indices]
@@ -249,8 +250,8 @@ class Restorer:
             seconds = (time.time() - t0) / len(indices)
         label_img = measurement_images(y, self.task.measurement.operator["name"])
         m = self._metrics(x, res.x0, res.x0_refined, y if label_img is not None and y.shape == x.shape else None)
+        tree = self.tree
         for b, i in enumerate(indices):
-            tree = self.tree
             tree.save_png("input", i, to_uint8(x[b]))
             if label_img is not None:
                 tree.save_png("label", i, label_img[b])
@@ -265,7 +266,6 @@ class Restorer:
                 if res.x0_refined is not None:
                     panels.append(("refined", to_uint8(res.x0_refined[b])))
                 panels.append(("ground truth", to_uint8(x[b])))
-                from util.outputs import atomic_write_bytes
                 atomic_write_bytes(tree.path("figures", i), restoration_figure(
                     panels, res.ess[b].cpu().numpy(), self.cfg.num_particles,
                     title=f"{self.task.name} {i:05d} ({items[b][2]}), N = {self.cfg.num_particles}"))
