@@ -151,3 +151,23 @@ def test_bf16_autocast_close_to_fp32(ldm_io, cin_io):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         eps = cin.eps(cin_io["unet_in"], cin_io["unet_t"], cond=cin_io["class_label"])
     assert torch.isfinite(eps).all() and rel_err(eps.float(), cin_io["unet_eps"]) < 5e-2
+
+
+@pytest.mark.parametrize("backend", ["legacy", "sdpa"])
+def test_qkv_attention_layouts_agree(backend):
+    """The legacy (per head q,k,v) and new (q|k|v, then heads) fused layouts compute the same attention."""
+    from ldm.modules.unet_blocks import QKVAttention, QKVAttentionLegacy
+
+    g = torch.Generator().manual_seed(0)
+    B, H, C, T = 2, 3, 4, 5
+    legacy = torch.randn(B, H, 3, C, T, generator=g, dtype=torch.float64)   # per head: q, k, v
+    new = legacy.transpose(1, 2)                                             # q, k, v; then heads
+    a, b = QKVAttentionLegacy(H), QKVAttention(H)
+    a.attention_backend = b.attention_backend = backend
+    out_legacy = a(legacy.reshape(B, 3 * H * C, T))
+    out_new = b(new.reshape(B, 3 * H * C, T))
+    q, k, v = legacy.unbind(2)                                               # [B, H, C, T]
+    w = torch.softmax(torch.einsum("bhct,bhcs->bhts", q, k) / C ** 0.5, dim=-1)
+    expected = torch.einsum("bhts,bhcs->bhct", w, v).reshape(B, H * C, T)
+    assert torch.allclose(out_legacy, expected, atol=1e-12)
+    assert torch.allclose(out_new, expected, atol=1e-12)

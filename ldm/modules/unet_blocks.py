@@ -170,42 +170,42 @@ class ResBlock(TimestepBlock):
         return self.skip_connection(x) + h
 
 
-class QKVAttentionLegacy(nn.Module):
-    """Multi-head attention on a fused qkv [B, 3*H*C, T] laid out head-major
-    (per head: q, k, v stacked), the order of the original openai code -> [B, H*C, T]."""
+class _QKVAttentionBase(nn.Module):
+    """Multi-head attention on a fused qkv [B, 3*H*C, T] -> [B, H*C, T]; subclasses fix the layout."""
 
     def __init__(self, n_heads):
         super().__init__()
         self.n_heads = n_heads
         self.attention_backend = "sdpa"
 
-    def forward(self, qkv):
-        bs, width, length = qkv.shape
-        if width % (3 * self.n_heads):
-            raise ValueError(f"qkv width {width} is not divisible by 3 * heads ({self.n_heads})")
-        ch = width // (3 * self.n_heads)
-        q, k, v = qkv.reshape(bs * self.n_heads, ch * 3, length).split(ch, dim=1)
-        a = dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                  self.attention_backend)
-        return a.transpose(1, 2).reshape(bs, -1, length)
-
-
-class QKVAttention(nn.Module):
-    """Multi-head attention on a fused qkv [B, 3*H*C, T] laid out q|k|v first, then heads."""
-
-    def __init__(self, n_heads):
-        super().__init__()
-        self.n_heads = n_heads
-        self.attention_backend = "sdpa"
+    def split_heads(self, qkv, ch):
+        """qkv [B, 3*H*C, T] -> q, k, v each [B*H, T, C]."""
+        raise NotImplementedError
 
     def forward(self, qkv):
         bs, width, length = qkv.shape
         if width % (3 * self.n_heads):
             raise ValueError(f"qkv width {width} is not divisible by 3 * heads ({self.n_heads})")
-        ch = width // (3 * self.n_heads)
-        q, k, v = (t.reshape(bs * self.n_heads, ch, length).transpose(1, 2) for t in qkv.chunk(3, dim=1))
+        q, k, v = self.split_heads(qkv, width // (3 * self.n_heads))
         a = dot_product_attention(q, k, v, self.attention_backend)
         return a.transpose(1, 2).reshape(bs, -1, length)
+
+
+class QKVAttentionLegacy(_QKVAttentionBase):
+    """Fused qkv laid out head-major (per head: q, k, v stacked), the original openai order."""
+
+    def split_heads(self, qkv, ch):
+        bs, _, length = qkv.shape
+        q, k, v = qkv.reshape(bs * self.n_heads, ch * 3, length).split(ch, dim=1)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+
+class QKVAttention(_QKVAttentionBase):
+    """Fused qkv laid out q|k|v first, then heads (use_new_attention_order=True)."""
+
+    def split_heads(self, qkv, ch):
+        bs, _, length = qkv.shape
+        return tuple(t.reshape(bs * self.n_heads, ch, length).transpose(1, 2) for t in qkv.chunk(3, dim=1))
 
 
 class AttentionBlock(nn.Module):
