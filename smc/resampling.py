@@ -25,6 +25,10 @@ def per_image_generators(generator: Optional[Generators], batch_size: int,
         if len(generator) != batch_size:
             raise ValueError(f"got {len(generator)} generators for {batch_size} images: "
                              "pass one generator, or exactly one per image")
+        wrong = [i for i, g in enumerate(generator) if g.device.type != torch.device(device).type]
+        if wrong:
+            raise ValueError(f"generator {wrong[0]} is on {generator[wrong[0]].device} but the model runs on "
+                             f"{device}: make the per-image generators with torch.Generator(device={str(device)!r})")
         return list(generator)
     if generator is None:
         generator = torch.Generator(device="cpu")

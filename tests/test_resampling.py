@@ -64,3 +64,12 @@ def test_child_generators_depend_only_on_parent_and_index():
     for ga, gb in zip(a, b):
         assert torch.equal(torch.randn(4, generator=ga), torch.randn(4, generator=gb))
     assert not torch.equal(torch.randn(4, generator=a[0]), torch.randn(4, generator=a[1]))
+
+
+def test_per_image_generators_on_another_device_are_refused_clearly():
+    from smc.resampling import per_image_generators
+
+    gens = [torch.Generator(device="cpu") for _ in range(2)]
+    assert per_image_generators(gens, 2, torch.device("cpu")) == gens
+    with pytest.raises(ValueError, match="generator 0 is on cpu but the model runs on meta"):
+        per_image_generators(gens, 2, torch.device("meta"))
