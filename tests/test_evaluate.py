@@ -1,0 +1,55 @@
+"""scripts/evaluate.py: FID of a run's folders, and the offline error when weights are missing."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from util.images import save_image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("evaluate", ROOT / "scripts" / "evaluate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture()
+def run_dir(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    task = tmp_path / "inpainting_box"
+    for name in ("input", "recon"):
+        (task / name).mkdir(parents=True)
+        for i in range(4):
+            save_image(torch.rand(3, 32, 32, generator=g) * 2 - 1, task / name / f"{i:05d}.png")
+    return task
+
+
+def test_fid_of_a_run_with_a_random_inception(run_dir):
+    evaluate = _load_script()
+    out = evaluate.evaluate_fid(run_dir, weights="random", dims=64)
+    assert out["reportable"] is False and out["n_recon"] == 4 and "fid_recon_opt" not in out
+    assert out["fid_recon"] > 0
+    assert json.loads((run_dir / "fid.json").read_text()) == out
+    # the ground truth against itself: zero
+    same = evaluate.fid_from_folders(run_dir / "input", run_dir / "input", dims=64, weights="random")
+    assert abs(same) < 1e-6
+
+
+def test_missing_inception_weights_name_the_file(run_dir, tmp_path, monkeypatch, capsys):
+    evaluate = _load_script()
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "empty_hub"))
+    assert evaluate.main([str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "pt_inception-2015-12-05-6726825d.pth" in err and "empty_hub" in err
+    assert not (run_dir / "fid.json").exists()
+
+
+def test_not_a_run_folder(tmp_path, capsys):
+    evaluate = _load_script()
+    assert evaluate.main([str(tmp_path)]) == 2
+    assert "has no input/ folder" in capsys.readouterr().err
