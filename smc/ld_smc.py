@@ -110,6 +110,7 @@ def ld_smc_sample(model, operator: Callable, y: torch.Tensor, cfg: LDSMCConfig,
     ts = strided_timesteps(cfg.num_steps, abar.numel()).tolist()
     K = len(ts) - 1
     dens = _Densities(cfg, abar)
+    aux_device = torch.device(cfg.aux_device) if cfg.aux_device is not None else device
 
     # Section 2: auxiliary observations y_t, Gibbs iteration 0 (heuristic forward pass).
     ys = None
@@ -117,7 +118,7 @@ def ld_smc_sample(model, operator: Callable, y: torch.Tensor, cfg: LDSMCConfig,
         zhat0 = heuristic_zhat0(model, operator, y0, gens, cfg)
         path = heuristic_path(zhat0, torch.tensor(ts, device=device), abar, gens)
         ys = observations_from_path(model, operator, path, torch.tensor(ts, device=device), abar,
-                                    gens, cfg.noisy_aux_obs, cfg.decode_chunk)
+                                    gens, cfg.noisy_aux_obs, cfg.decode_chunk).to(aux_device)
 
     x0_per_gibbs = []
     for j in range(J):
@@ -147,7 +148,7 @@ def ld_smc_sample(model, operator: Callable, y: torch.Tensor, cfg: LDSMCConfig,
             path_sel = selected_path(out["states"], out["ancestors"],
                                      sel if cfg.select != "all" else log_w.argmax(1))
             ys = observations_from_path(model, operator, path_sel[:K], torch.tensor(ts, device=device),
-                                        abar, gens, cfg.noisy_aux_obs, cfg.decode_chunk)
+                                        abar, gens, cfg.noisy_aux_obs, cfg.decode_chunk).to(aux_device)
 
     # Section 3, refinement: z_opt = argmin_z MSE(y0, A(D(z))) from z_0.
     x0_refined = None
@@ -178,7 +179,7 @@ def _smc_iteration(model, operator, y0, ys, cfg, dens, ts: List[int], gens, cond
     weigh = N > 1  # with one particle the weights are irrelevant: skip their decodes
 
     def y_at(i):  # observation attached to level i: y_t for t > 0, y_0 at the last level
-        return y0_flat if i == K else ys[i].repeat_interleave(N, 0)
+        return y0_flat if i == K else ys[i].to(device, non_blocking=True).repeat_interleave(N, 0)
 
     def guided_forward(z, i):
         """eps, zbar0, A(D(zbar0)) at level i, and g1 = d/dz ||y0 - A(D(zbar0(z)))||^2 clipped.

@@ -39,6 +39,7 @@ def small_cfg(**kw):
     (dict(num_particles=0), "num_particles"),
     (dict(num_gibbs_iters=2, aux_observations=False), "needs aux_observations"),
     (dict(noisy_aux_obs="yes"), "noisy_aux_obs must be"),
+    (dict(aux_device="gpu0"), "aux_device must be"),
 ])
 def test_config_validation(kw, msg):
     with pytest.raises(ValueError, match=msg):
@@ -203,3 +204,12 @@ def test_latent_tds_moments_with_strong_guidance(toy):
     assert bool(((z.mean(0) - exact.mean(0)).abs() < 3 * se).all()), (z.mean(0), exact.mean(0))
     ratio = z.std(0) / exact.std(0)
     assert bool(((ratio > 0.92) & (ratio < 1.05)).all()), ratio
+
+
+def test_aux_device_keeps_results(toy):
+    """Keeping y_t on another device (here: "cpu" named explicitly) changes nothing."""
+    model, op, y0, _ = toy
+    y = y0.expand(2, *y0.shape[1:])
+    runs = [ld_smc_sample(model, op, y, small_cfg(preset="exact", num_gibbs_iters=2, aux_device=dev),
+                          generator=torch.Generator().manual_seed(3)) for dev in (None, "cpu")]
+    assert torch.equal(runs[0].x0, runs[1].x0) and torch.equal(runs[0].log_weights, runs[1].log_weights)
