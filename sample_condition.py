@@ -48,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--s", type=int, default=None, help="timestep at which the proposal switches (default 333)")
     a.add_argument("--num_particles", type=int, default=None, help="particles per image (default 1)")
     a.add_argument("--num_gibbs_iters", type=int, default=None, help="Gibbs iterations (default 1)")
+    a.add_argument("--ddim_eta", type=float, default=1.0,
+                   help="DDIM eta; LD-SMC's transitions are the eta = 1 (DDPM) ones, so only 1.0 is accepted")
+    a.add_argument("--ddim_scale", type=float, default=1.0,
+                   help="classifier-free guidance scale; the authors pass no unconditional conditioning, "
+                        "so only 1.0 (no guidance) is accepted")
+    a.add_argument("--model_config", default=None, help="accepted and unused, as in the authors' script")
     a.add_argument("--gpu", type=int, default=0, help="CUDA device index (default 0); -1 or no CUDA: the CPU")
     a.add_argument("--seed", type=int, default=42, help="seed (default 42); image i draws from generators seeded by (seed, i)")
     o = p.add_argument_group("our flags")
@@ -340,6 +346,10 @@ def run(args) -> dict:
     task = load_task(task_path, args.overrides, sampler_fields=sampler_fields())
     cfg = sampler_config(args, task)
     device = select_device(args)
+    for flag, value in (("--ddim_eta", args.ddim_eta), ("--ddim_scale", args.ddim_scale)):
+        if value != 1.0:
+            raise ConfigError(f"{flag} {value} is not supported: LD-SMC (here and in the authors' code) "
+                              f"runs with {flag} 1.0")
     if args.batch_size is not None and args.batch_size < 1:
         raise ConfigError(f"--batch_size must be >= 1, got {args.batch_size}")
     if args.max_images is not None and args.max_images < 1:

@@ -173,12 +173,22 @@ def test_errors_a_user_can_act_on(tmp_path, capsys):
     assert "256" in err and "32x32" in err
     assert "--batch_size" in _error(capsys, *base, "--batch_size", "0")
     assert "num_particles" in _error(capsys, *base, "--num_particles", "0")
+    assert "--ddim_eta 0.5 is not supported" in _error(capsys, *base, "--ddim_eta", "0.5")
+    assert "--ddim_scale 3.0 is not supported" in _error(capsys, *base, "--ddim_scale", "3.0")
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.png"))
 
 
-def test_authors_command_line_with_a_compvis_checkpoint(tmp_path):
+AUTHORS_FLAGS = ["--ldm_config", "configs/latent-diffusion/ffhq-ldm-vq-4.yaml",
+                 "--diffusion_config", "models/ldm/ffhq/model.ckpt", "--model_config", "configs/model_config.yaml",
+                 "--ddim_eta", "1.0", "--ddim_scale", "1.0", "--save_dir", "./results"]
+
+
+@pytest.mark.parametrize("config_dir, flags", [("configs/models", []), ("configs/latent-diffusion", AUTHORS_FLAGS)],
+                         ids=["our-default-config", "authors-paths-and-flags"])
+def test_authors_command_line_with_a_compvis_checkpoint(tmp_path, config_dir, flags):
     """Their layout, run from its own folder: a Lightning checkpoint at models/ldm/ffhq/model.ckpt, the
-    FFHQ model config at its default path (here a small model of the same family), their task YAML."""
+    FFHQ model config at our default path or at theirs (here a small model of the same family), their
+    task YAML; with our defaults, or with every flag of their script spelled out."""
     io = torch.load(REFERENCE_LDM / "small_ldm_io.pt", weights_only=True)
     config = {"model": {"target": "ldm.models.diffusion.ddpm.LatentDiffusion", "params": {
         "linear_start": 0.0015, "linear_end": 0.0195, "timesteps": 1000, "image_size": 16, "channels": 3,
@@ -189,8 +199,8 @@ def test_authors_command_line_with_a_compvis_checkpoint(tmp_path):
             "embed_dim": int(io["embed_dim"]), "n_embed": int(io["n_embed"]), "ddconfig": dict(io["ddconfig"]),
             "lossconfig": {"target": "torch.nn.Identity"}}},
         "cond_stage_config": "__is_unconditional__"}}}
-    (tmp_path / "configs" / "models").mkdir(parents=True)
-    (tmp_path / "configs" / "models" / "ffhq-ldm-vq-4.yaml").write_text(yaml.safe_dump(config))
+    (tmp_path / config_dir).mkdir(parents=True)
+    (tmp_path / config_dir / "ffhq-ldm-vq-4.yaml").write_text(yaml.safe_dump(config))
     (tmp_path / "models" / "ldm" / "ffhq").mkdir(parents=True)
     shutil.copy(REFERENCE_LDM / "small_ldm_lightning.ckpt", tmp_path / "models" / "ldm" / "ffhq" / "model.ckpt")
     (tmp_path / "configs" / "tasks").mkdir()
@@ -205,7 +215,7 @@ def test_authors_command_line_with_a_compvis_checkpoint(tmp_path):
     cmd = [sys.executable, str(ROOT / "sample_condition.py"), "--task_config", "configs/tasks/inpainting_config.yaml",
            "--num_particles", "2", "--ddim_steps", "3", "--kappa1", "1.0", "--kappa2", "2.5", "--rho", "0.75",
            "--s", "333", "--num_gibbs_iters", "1", "--gpu", "0", "--seed", "42",
-           "--threads", "1", "sampler.xhat_max_iters=20", "sampler.refine_max_iters=5"]
+           "--threads", "1", "sampler.xhat_max_iters=20", "sampler.refine_max_iters=5", *flags]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = tmp_path / "results" / "inpainting_box"
@@ -214,7 +224,7 @@ def test_authors_command_line_with_a_compvis_checkpoint(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     # The checkpoint comes from the model config's ckpt_path, read from the current folder.
     assert summary["config"]["checkpoint"] == str((tmp_path / "models/ldm/ffhq/model.ckpt").resolve())
-    assert summary["config"]["model_config"] == str((tmp_path / "configs/models/ffhq-ldm-vq-4.yaml").resolve())
+    assert summary["config"]["model_config"] == str((tmp_path / config_dir / "ffhq-ldm-vq-4.yaml").resolve())
 
 
 def test_class_conditional_model_needs_and_gets_labels(tmp_path, capsys, monkeypatch):

@@ -58,3 +58,10 @@ def test_config_errors_name_the_key():
     cfg["model"]["params"]["parameterization"] = "x0"
     with pytest.raises(ConfigError, match="parameterization"):
         build_model(cfg, device="meta")
+
+
+@pytest.mark.parametrize("name", ["ffhq-ldm-vq-4.yaml", "cin256-v2.yaml"])
+def test_authors_config_paths_point_to_our_configs(name):
+    """The authors' --ldm_config paths (configs/latent-diffusion/*.yaml) are our model configs."""
+    theirs, ours = ROOT / "configs" / "latent-diffusion" / name, ROOT / "configs" / "models" / name
+    assert theirs.is_file() and theirs.read_text() == ours.read_text()
