@@ -6,7 +6,7 @@
 Takes the authors' flags (`--ldm_config`, `--diffusion_config` = the LDM checkpoint,
 `--task_config`, `--save_dir`, `--ddim_steps`, `--kappa1`, `--kappa2`, `--rho`, `--s`,
 `--num_particles`, `--num_gibbs_iters`, `--gpu`, `--seed`) and ours (`--preset`,
-`--batch_size`, `--device`, `--max_images`, `--overwrite`, and dotted `key=value`
+`--batch_size`, `--device`, `--max_images`, `--shard`, `--overwrite`, and dotted `key=value`
 overrides of the task config, e.g. `data.root=../shared/data/ffhq-samples`).
 
 Precedence: a flag given on the command line > the task YAML (`sampler:` section,
@@ -17,89 +17,12 @@ in, and a rerun resumes where the last one stopped (see util/outputs.py for the 
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 import time
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parent
-DEMO_TASK = "configs/tasks/demo/inpainting_config.yaml"
-AUTHORS_MODEL = "configs/models/ffhq-ldm-vq-4.yaml"  # the authors' default model (FFHQ LDM)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The command line: the authors' flags first, then ours. `None` defaults mean 'from the task / sampler'."""
-    p = argparse.ArgumentParser(
-        prog="sample_condition", description=__doc__.split("\n\n")[0])
-    a = p.add_argument_group("the authors' flags")
-    a.add_argument("--ldm_config", default=None,
-                   help="model config YAML (CompVis layout); default: the task's model.config, else the FFHQ LDM "
-                        f"({AUTHORS_MODEL}, the authors' default)")
-    a.add_argument("--diffusion_config", default=None,
-                   help="the LDM checkpoint (.ckpt or .safetensors); default: the model config's ckpt_path")
-    a.add_argument("--task_config", default=DEMO_TASK, help=f"task YAML (DPS / LD-SMC layout); default: {DEMO_TASK}, the demo")
-    a.add_argument("--save_dir", default="./results", help="outputs go to SAVE_DIR/<task name>/ (default ./results)")
-    a.add_argument("--ddim_steps", type=int, default=None,
-                   help="timesteps on the chain 999 -> 0 (1000: the full chain, the authors' default)")
-    a.add_argument("--kappa1", type=float, default=None, help="first gradient scale (default 1.0)")
-    a.add_argument("--kappa2", type=float, default=None, help="second gradient scale (default 2.5)")
-    a.add_argument("--rho", type=float, default=None, help="balance of the two guidance terms (default 0.75)")
-    a.add_argument("--s", type=int, default=None, help="timestep at which the proposal switches (default 333)")
-    a.add_argument("--num_particles", type=int, default=None, help="particles per image (default 1)")
-    a.add_argument("--num_gibbs_iters", type=int, default=None, help="Gibbs iterations (default 1)")
-    a.add_argument("--ddim_eta", type=float, default=1.0,
-                   help="DDIM eta; LD-SMC's transitions are the eta = 1 (DDPM) ones, so only 1.0 is accepted")
-    a.add_argument("--ddim_scale", type=float, default=1.0,
-                   help="classifier-free guidance scale; the authors pass no unconditional conditioning, "
-                        "so only 1.0 (no guidance) is accepted")
-    a.add_argument("--model_config", default=None, help="accepted and unused, as in the authors' script")
-    a.add_argument("--gpu", type=int, default=0, help="CUDA device index (default 0); -1 or no CUDA: the CPU")
-    a.add_argument("--seed", type=int, default=42, help="seed (default 42); image i draws from generators seeded by (seed, i)")
-    o = p.add_argument_group("our flags")
-    o.add_argument("--preset", choices=("reference", "exact"), default=None,
-                   help="'reference' reproduces the authors' code (default), 'exact' the model the paper's analysis assumes")
-    o.add_argument("--batch_size", type=int, default=None, help="images sampled together (default: data.batch_size)")
-    o.add_argument("--device", default=None, help="torch device (cpu, cuda, cuda:1, mps); wins over --gpu")
-    o.add_argument("--max_images", type=int, default=None, help="restore only the first this many images")
-    o.add_argument("--overwrite", action="store_true", help="redo images whose outputs exist (default: resume)")
-    o.add_argument("--no_figures", action="store_true", help="skip the per-image figures")
-    o.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    o.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="task config overrides, e.g. data.root=path measurement.noise.sigma=0.05")
-    return p
-
-
-def resolve_path(path: str | Path | None) -> Path | None:
-    """A path as given if it exists (relative to the current folder), else relative to the project root."""
-    if path is None:
-        return None
-    path = Path(path).expanduser()
-    if path.is_absolute() or path.exists():
-        return path
-    alt = PROJECT_ROOT / path
-    return alt if alt.exists() else path
-
-
-def select_device(args):
-    """--device wins; else cuda:<gpu> when CUDA is there and gpu >= 0; else the CPU (the authors' --gpu)."""
-    import torch
-
-    from util.config import ConfigError
-
-    if args.device:
-        try:
-            device = torch.device(args.device)
-        except RuntimeError as e:
-            raise ConfigError(f"--device {args.device!r} is not a torch device ({e})") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"--device {args.device} asked for CUDA, but torch sees no CUDA device: use --device cpu")
-        return device
-    if args.gpu >= 0 and torch.cuda.is_available():
-        if args.gpu >= torch.cuda.device_count():
-            raise ConfigError(f"--gpu {args.gpu}: there are only {torch.cuda.device_count()} CUDA device(s)")
-        return torch.device(f"cuda:{args.gpu}")
-    return torch.device("cpu")
+from util.cli import AUTHORS_MODEL, PROJECT_ROOT, build_parser, resolve_path, select_device, shard_of
 
 
 def sampler_config(args, task):
@@ -206,12 +129,12 @@ class Restorer:
             self.log.info(f"LPIPS unavailable: {e}")
             return None, f"unavailable: {e}"
 
-    def prepare_outputs(self, save_dir, overwrite: bool):
-        """The output tree, checked against (or reset to) this run's settings."""
+    def prepare_outputs(self, save_dir, overwrite: bool, only=None):
+        """The output tree, checked against (or reset to, for images `only` if given) this run's settings."""
         from util.outputs import OutputTree
 
         self.tree = OutputTree(save_dir, self.task.name)
-        self.tree.prepare(self.settings(), overwrite=overwrite)
+        self.tree.prepare(self.settings(), overwrite=overwrite, only=only)
         return self.tree
 
     def settings(self) -> dict:
@@ -346,6 +269,7 @@ def run(args) -> dict:
     task = load_task(task_path, args.overrides, sampler_fields=sampler_fields())
     cfg = sampler_config(args, task)
     device = select_device(args)
+    shard, n_shards = shard_of(args.shard)
     for flag, value in (("--ddim_eta", args.ddim_eta), ("--ddim_scale", args.ddim_scale)):
         if value != 1.0:
             raise ConfigError(f"{flag} {value} is not supported: LD-SMC (here and in the authors' code) "
@@ -361,9 +285,11 @@ def run(args) -> dict:
                         task_path=task_path, resolve=resolve_path, log=log)
     max_images = args.max_images or task.data.max_images
     n_total = len(restorer.dataset) if max_images is None else min(max_images, len(restorer.dataset))
-    tree = restorer.prepare_outputs(args.save_dir, overwrite=args.overwrite)
-    todo = [i for i in range(n_total) if not tree.is_done(i)]
-    log.info(f"task {task.name}: {n_total} images, {n_total - len(todo)} already done; model "
+    mine = [i for i in range(n_total) if i % n_shards == shard]
+    tree = restorer.prepare_outputs(args.save_dir, overwrite=args.overwrite, only=mine if n_shards > 1 else None)
+    todo = [i for i in mine if not tree.is_done(i)]
+    where = f" (shard {shard}/{n_shards}: {len(mine)} of them)" if n_shards > 1 else ""
+    log.info(f"task {task.name}: {n_total} images{where}, {len(mine) - len(todo)} already done; model "
              f"{restorer.ldm_config}; device {device}; preset {cfg.preset}, N = {cfg.num_particles}, "
              f"{cfg.num_steps} steps; outputs in {tree.root}")
     batch_size = args.batch_size or task.data.batch_size

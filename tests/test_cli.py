@@ -117,6 +117,42 @@ def test_resume_after_an_interruption(tmp_path, capsys, monkeypatch):
     assert rc == 2 and "kappa1" in err and "--overwrite" in err
 
 
+def test_shards_share_one_task_folder(tmp_path, capsys, monkeypatch):
+    """--shard K/N (or torchrun's RANK/WORLD_SIZE) restores images i = K mod N into the same folder; the
+    tables cover every finished image; --overwrite in a shard redoes only that shard's images."""
+    real = smc.ld_smc_sample
+    sampled = []
+
+    def sampler(model, operator, y, cfg, **kw):
+        sampled.append(y.shape[0])
+        return real(model, operator, y, cfg, **kw)
+
+    monkeypatch.setattr(smc, "ld_smc_sample", sampler)
+    args = ["--task_config", f"{DEMO}/inpainting_config.yaml", "--save_dir", tmp_path, *FAST,
+            "--max_images", "3", "--batch_size", "1", "--no_figures"]
+    root = tmp_path / "inpainting_box"
+    rc, _, err = cli(capsys, *args, "--shard", "1/2")
+    assert rc == 0, err
+    assert sorted(p.name for p in (root / "records").iterdir()) == ["00001.json"]
+    assert [r["index"] for r in read_csv(root / "metrics.csv")] == ["1"]
+    stamp = (root / "recon" / "00001.png").stat().st_mtime_ns
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    sampled[:] = []
+    rc, _, err = cli(capsys, *args)
+    assert rc == 0 and sampled == [1, 1], err  # images 0 and 2
+    assert [r["index"] for r in read_csv(root / "metrics.csv")] == ["0", "1", "2"]
+    assert json.loads((root / "summary.json").read_text())["images"] == 3
+    assert (root / "recon" / "00001.png").stat().st_mtime_ns == stamp  # the other shard's image is untouched
+
+    sampled[:] = []
+    rc, _, err = cli(capsys, *args, "--overwrite")
+    assert rc == 0 and sampled == [1, 1], err
+    assert (root / "recon" / "00001.png").stat().st_mtime_ns == stamp
+    assert [r["index"] for r in read_csv(root / "metrics.csv")] == ["0", "1", "2"]
+
+
 def test_results_do_not_depend_on_the_batch(tmp_path, capsys):
     common = ["--task_config", f"{DEMO}/inpainting_random_config.yaml", *FAST, "--max_images", "2",
               "--no_figures"]
@@ -174,6 +210,8 @@ def test_errors_a_user_can_act_on(tmp_path, capsys):
     assert "--batch_size" in _error(capsys, *base, "--batch_size", "0")
     assert "num_particles" in _error(capsys, *base, "--num_particles", "0")
     assert "--ddim_eta 0.5 is not supported" in _error(capsys, *base, "--ddim_eta", "0.5")
+    assert "expected K/N" in _error(capsys, *base, "--shard", "half")
+    assert "0 <= K < N" in _error(capsys, *base, "--shard", "2/2")
     assert "--ddim_scale 3.0 is not supported" in _error(capsys, *base, "--ddim_scale", "3.0")
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.png"))
 

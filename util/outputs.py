@@ -102,15 +102,17 @@ class OutputTree:
     def record_path(self, index: int) -> Path:
         return self.root / "records" / f"{index:05d}.json"
 
-    def prepare(self, settings: Mapping, overwrite: bool) -> None:
+    def prepare(self, settings: Mapping, overwrite: bool, only: Iterable[int] | None = None) -> None:
         """Create the tree; with `overwrite` clear earlier outputs, else check they came from the same settings.
 
         `settings` is whatever determines the results (task, sampler, seed, model); a
         resumed run with different settings would mix two experiments, so it is refused.
+        `only`: the images this process owns (one shard of several sharing the folder);
+        `overwrite` then clears just those, leaving the other shards' files alone.
         """
         run_file = self.root / "run.json"
         if overwrite:
-            self.clear()
+            self.clear(only)
         elif run_file.exists():
             try:
                 before = json.loads(run_file.read_text())
@@ -125,8 +127,14 @@ class OutputTree:
         self.root.mkdir(parents=True, exist_ok=True)
         atomic_write_json(run_file, settings)
 
-    def clear(self) -> None:
-        """Remove this tree's own outputs (only the files and folders it writes)."""
+    def clear(self, only: Iterable[int] | None = None) -> None:
+        """Remove this tree's own outputs (only the files and folders it writes), or those of images `only`."""
+        if only is not None:
+            for i in only:
+                self.record_path(i).unlink(missing_ok=True)  # first: the image no longer counts as done
+                for kind in IMAGE_KINDS:
+                    self.path(kind, i).unlink(missing_ok=True)
+            return
         for kind in (*IMAGE_KINDS, "records"):
             shutil.rmtree(self.root / kind, ignore_errors=True)
         for name in ("run.json", "metrics.csv", "summary.json"):

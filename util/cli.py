@@ -1,0 +1,113 @@
+"""Command-line options of `sample_condition.py`: the parser, paths, the device and the shard.
+
+Kept apart from the script so that the script reads as what it does (load, restore,
+write) and these small rules can be tested on their own.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DEMO_TASK = "configs/tasks/demo/inpainting_config.yaml"
+AUTHORS_MODEL = "configs/models/ffhq-ldm-vq-4.yaml"  # the authors' default model (FFHQ LDM)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: the authors' flags first, then ours. `None` defaults mean 'from the task / sampler'."""
+    p = argparse.ArgumentParser(
+        prog="sample_condition", description="Restore images with LD-SMC: measure each image of a folder, sample the posterior, write the outputs.")
+    a = p.add_argument_group("the authors' flags")
+    a.add_argument("--ldm_config", default=None,
+                   help="model config YAML (CompVis layout); default: the task's model.config, else the FFHQ LDM "
+                        f"({AUTHORS_MODEL}, the authors' default)")
+    a.add_argument("--diffusion_config", default=None,
+                   help="the LDM checkpoint (.ckpt or .safetensors); default: the model config's ckpt_path")
+    a.add_argument("--task_config", default=DEMO_TASK, help=f"task YAML (DPS / LD-SMC layout); default: {DEMO_TASK}, the demo")
+    a.add_argument("--save_dir", default="./results", help="outputs go to SAVE_DIR/<task name>/ (default ./results)")
+    a.add_argument("--ddim_steps", type=int, default=None,
+                   help="timesteps on the chain 999 -> 0 (1000: the full chain, the authors' default)")
+    a.add_argument("--kappa1", type=float, default=None, help="first gradient scale (default 1.0)")
+    a.add_argument("--kappa2", type=float, default=None, help="second gradient scale (default 2.5)")
+    a.add_argument("--rho", type=float, default=None, help="balance of the two guidance terms (default 0.75)")
+    a.add_argument("--s", type=int, default=None, help="timestep at which the proposal switches (default 333)")
+    a.add_argument("--num_particles", type=int, default=None, help="particles per image (default 1)")
+    a.add_argument("--num_gibbs_iters", type=int, default=None, help="Gibbs iterations (default 1)")
+    a.add_argument("--ddim_eta", type=float, default=1.0,
+                   help="DDIM eta; LD-SMC's transitions are the eta = 1 (DDPM) ones, so only 1.0 is accepted")
+    a.add_argument("--ddim_scale", type=float, default=1.0,
+                   help="classifier-free guidance scale; the authors pass no unconditional conditioning, "
+                        "so only 1.0 (no guidance) is accepted")
+    a.add_argument("--model_config", default=None, help="accepted and unused, as in the authors' script")
+    a.add_argument("--gpu", type=int, default=None,
+                   help="CUDA device index (default 0, or LOCAL_RANK under torchrun); -1 or no CUDA: the CPU")
+    a.add_argument("--seed", type=int, default=42, help="seed (default 42); image i draws from generators seeded by (seed, i)")
+    o = p.add_argument_group("our flags")
+    o.add_argument("--preset", choices=("reference", "exact"), default=None,
+                   help="'reference' reproduces the authors' code (default), 'exact' the model the paper's analysis assumes")
+    o.add_argument("--batch_size", type=int, default=None, help="images sampled together (default: data.batch_size)")
+    o.add_argument("--device", default=None, help="torch device (cpu, cuda, cuda:1, mps); wins over --gpu")
+    o.add_argument("--max_images", type=int, default=None, help="restore only the first this many images")
+    o.add_argument("--shard", default=None, metavar="K/N",
+                   help="restore only images i with i mod N == K (several processes or GPUs share one task "
+                        "folder); default: torchrun's RANK/WORLD_SIZE, else 0/1 (all images)")
+    o.add_argument("--overwrite", action="store_true", help="redo images whose outputs exist (default: resume)")
+    o.add_argument("--no_figures", action="store_true", help="skip the per-image figures")
+    o.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    o.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="task config overrides, e.g. data.root=path measurement.noise.sigma=0.05")
+    return p
+
+
+def resolve_path(path: str | Path | None) -> Path | None:
+    """A path as given if it exists (relative to the current folder), else relative to the project root."""
+    if path is None:
+        return None
+    path = Path(path).expanduser()
+    if path.is_absolute() or path.exists():
+        return path
+    alt = PROJECT_ROOT / path
+    return alt if alt.exists() else path
+
+
+def select_device(args):
+    """--device wins; else cuda:<gpu> when CUDA is there and gpu >= 0; else the CPU (the authors' --gpu)."""
+    import torch
+
+    from util.config import ConfigError
+
+    if args.device:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError as e:
+            raise ConfigError(f"--device {args.device!r} is not a torch device ({e})") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"--device {args.device} asked for CUDA, but torch sees no CUDA device: use --device cpu")
+        return device
+    gpu = args.gpu if args.gpu is not None else int(os.environ.get("LOCAL_RANK", 0))
+    if gpu >= 0 and torch.cuda.is_available():
+        if gpu >= torch.cuda.device_count():
+            raise ConfigError(f"--gpu {gpu}: there are only {torch.cuda.device_count()} CUDA device(s)")
+        return torch.device(f"cuda:{gpu}")
+    return torch.device("cpu")
+
+
+def shard_of(text: str | None, env=os.environ) -> tuple[int, int]:
+    """(K, N) from `--shard K/N`; else torchrun's RANK / WORLD_SIZE; else (0, 1).
+
+    Image i belongs to shard i mod N. Every shard writes its own images into the same task
+    folder (atomically), and each one's metrics.csv / summary.json covers all the images
+    finished so far, so the last shard to end writes the complete tables.
+    """
+    from util.config import ConfigError
+
+    if text is None:
+        return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1))
+    try:
+        k, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard {text!r}: expected K/N, e.g. --shard 0/4") from None
+    if not (n >= 1 and 0 <= k < n):
+        raise ConfigError(f"--shard {text}: need N >= 1 and 0 <= K < N")
+    return k, n
