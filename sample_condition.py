@@ -153,7 +153,7 @@ class Restorer:
         from util.figures import measurement_images, restoration_figure
         from util.images import to_uint8
         from util.masks import generator_for_index, mask_for_index
-        from util.outputs import atomic_write_bytes
+        from util.files import atomic_write_bytes
 
         try:
             items = [self.dataset[i] for i in indices]

@@ -19,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from util.files import atomic_write_text  # noqa: E402
 from util.metrics import MissingWeightsError, fid_from_folders  # noqa: E402
 
 FOLDERS = ("recon", "recon_opt")
@@ -44,9 +45,7 @@ def evaluate_fid(task_dir, which=FOLDERS, weights=None, dims: int = 2048, device
             out[f"n_{name}"] = sum(1 for _ in folder.glob("*.png"))
     if len(out) == 3:
         raise FileNotFoundError(f"{task_dir} has none of the folders {list(which)}")
-    tmp = task_dir / "fid.json.tmp"
-    tmp.write_text(json.dumps(out, indent=1))
-    tmp.replace(task_dir / "fid.json")
+    atomic_write_text(task_dir / "fid.json", json.dumps(out, indent=1))
     return out
 
 

@@ -5,13 +5,15 @@ for model space (the default) or (0, 1) for display / metrics.
 """
 from __future__ import annotations
 
+import io
 import os
-import uuid
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+
+from util.files import atomic_write_bytes
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
@@ -73,6 +75,13 @@ def load_image(path: str | os.PathLike, size: int | None = None) -> torch.Tensor
     return pil_to_tensor(im)[None]
 
 
+def png_bytes(image: np.ndarray) -> bytes:
+    """[H, W] or [H, W, 3] uint8 -> PNG file contents."""
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def save_image(x: torch.Tensor, path: str | os.PathLike, value_range=(-1.0, 1.0)) -> Path:
     """Write ``x`` ([3, H, W], [1, 3, H, W] or [1 or 3 channels]) to a PNG, atomically.
 
@@ -85,19 +94,7 @@ def save_image(x: torch.Tensor, path: str | os.PathLike, value_range=(-1.0, 1.0)
         x = x[0]
     arr = to_uint8(x, value_range)
     arr = arr[..., 0] if arr.shape[-1] == 1 else arr
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A unique name in the same folder (so os.replace is atomic); open() honours the umask.
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
-    try:
-        with open(tmp, "xb") as f:
-            Image.fromarray(arr).save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+    return atomic_write_bytes(path, png_bytes(arr))
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:

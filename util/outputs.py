@@ -22,15 +22,15 @@ import csv
 import io
 import json
 import math
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import numpy as np
 
 from util.config import ConfigError
+from util.files import atomic_write_bytes, atomic_write_text
+from util.images import png_bytes
 
 IMAGE_KINDS = ("input", "label", "recon", "recon_opt", "mask", "figures")
 METRIC_COLUMNS = ("index", "file", "class_label",
@@ -40,37 +40,8 @@ METRIC_COLUMNS = ("index", "file", "class_label",
                   "seconds")
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same folder and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(_jsonable(obj), indent=2, sort_keys=False) + "\n")
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    """[H, W] or [H, W, 3] uint8 -> PNG file contents."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def _jsonable(x: Any) -> Any:
