@@ -43,6 +43,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
+from util.images import to_uint8  # noqa: E402
+
 HELD_OUT_PER_CLASS = 2
 
 
@@ -118,11 +120,6 @@ def load_digits(seed: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, np.n
         return (t * 2 - 1).repeat(1, 3, 1, 1).contiguous()     # [N, 3, 32, 32] in [-1, 1]
 
     return to_tensor(X[train]), to_tensor(X[held]), y[train], y[held]
-
-
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """[3, H, W] in [-1, 1] -> [H, W, 3] uint8."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
 
 
 def write_held_out(images: torch.Tensor, labels: np.ndarray, folder: Path) -> None:

@@ -61,14 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_path(path: str | Path | None) -> Path | None:
-    """A path as given if it exists (relative to the current folder), else relative to the project root."""
-    if path is None:
-        return None
-    path = Path(path).expanduser()
-    if path.is_absolute() or path.exists():
-        return path
-    alt = PROJECT_ROOT / path
-    return alt if alt.exists() else path
+    """`ldm.checkpoint.resolve_path` (current folder first, then the project root); None stays None."""
+    from ldm.checkpoint import resolve_path as resolve
+
+    return None if path is None else resolve(path)
 
 
 def select_device(args):
