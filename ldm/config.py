@@ -14,7 +14,6 @@ A config is the CompVis layout::
 ``target`` strings are mapped to our classes by their last component.
 """
 import os
-from pathlib import Path
 
 import torch
 import yaml

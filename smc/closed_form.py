@@ -13,7 +13,6 @@ Everything runs in float64; latents are [B, d], images [B, m], measurements [B, 
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import nn
