@@ -107,7 +107,8 @@ def ld_smc_sample(model, operator: Callable, y: torch.Tensor, cfg: LDSMCConfig,
     if cond is not None and cond.shape[0] != B:
         raise ValueError(f"cond has {cond.shape[0]} rows for {B} measurements: pass one per image")
     gens = per_image_generators(generator, B, device)
-    ts = strided_timesteps(cfg.num_steps, abar.numel()).tolist()
+    ts_t = strided_timesteps(cfg.num_steps, abar.numel()).to(device)
+    ts = ts_t.tolist()
     K = len(ts) - 1
     dens = _Densities(cfg, abar)
     aux_device = torch.device(cfg.aux_device) if cfg.aux_device is not None else device
@@ -116,8 +117,8 @@ def ld_smc_sample(model, operator: Callable, y: torch.Tensor, cfg: LDSMCConfig,
     ys = None
     if cfg.aux_observations:
         zhat0 = heuristic_zhat0(model, operator, y0, gens, cfg)
-        path = heuristic_path(zhat0, torch.tensor(ts, device=device), abar, gens)
-        ys = observations_from_path(model, operator, path, torch.tensor(ts, device=device), abar,
+        path = heuristic_path(zhat0, ts_t, abar, gens)
+        ys = observations_from_path(model, operator, path, ts_t, abar,
                                     gens, cfg.noisy_aux_obs, cfg.decode_chunk).to(aux_device)
 
     x0_per_gibbs = []
@@ -147,7 +148,7 @@ def ld_smc_sample(model, operator: Callable, y: torch.Tensor, cfg: LDSMCConfig,
             # Gibbs iteration j+1: y_t recomputed along the selected particle's path.
             path_sel = selected_path(out["states"], out["ancestors"],
                                      sel if cfg.select != "all" else log_w.argmax(1))
-            ys = observations_from_path(model, operator, path_sel[:K], torch.tensor(ts, device=device),
+            ys = observations_from_path(model, operator, path_sel[:K], ts_t,
                                         abar, gens, cfg.noisy_aux_obs, cfg.decode_chunk).to(aux_device)
 
     # Section 3, refinement: z_opt = argmin_z MSE(y0, A(D(z))) from z_0.
@@ -165,7 +166,7 @@ def ld_smc_sample(model, operator: Callable, y: torch.Tensor, cfg: LDSMCConfig,
     return LDSMCResult(x0=x0, x0_refined=x0_refined, z0=z0, x0_per_gibbs=torch.stack(x0_per_gibbs),
                        particles_z0=z0_all, log_weights=log_w, ess=out["ess"],
                        ancestors=out["ancestors"], selected=sel,
-                       timesteps=torch.tensor(ts), preset=cfg.preset, config=cfg)
+                       timesteps=ts_t.cpu(), preset=cfg.preset, config=cfg)
 
 
 def _smc_iteration(model, operator, y0, ys, cfg, dens, ts: List[int], gens, cond, callback,
