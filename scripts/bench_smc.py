@@ -26,11 +26,11 @@ sys.path.insert(0, str(ROOT))
 from smc import LDSMCConfig, ld_smc_sample  # noqa: E402
 from smc.counting import CountingModel  # noqa: E402
 
-SMALL_IO = ROOT.parent / "shared" / "fixtures" / "reference-ldm" / "small_ldm_io.pt"
+SMALL_IO = ROOT / "tests" / "fixtures" / "compact" / "compact_ldm_io.pt"
 
 
 def small_fixture_config() -> dict:
-    """CompVis-layout config of the fixture's reduced LDM (settings stored in small_ldm_io.pt)."""
+    """CompVis-layout config of the fixture's reduced LDM (settings stored in tests/fixtures/compact/compact_ldm_io.pt)."""
     io = torch.load(SMALL_IO, weights_only=True)
     return {"model": {"target": "ldm.models.diffusion.ddpm.LatentDiffusion", "params": {
         "linear_start": io["linear_start"], "linear_end": io["linear_end"], "timesteps": io["timesteps"],

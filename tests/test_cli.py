@@ -14,7 +14,7 @@ from PIL import Image
 import ldm
 import sample_condition
 import smc
-from conftest import FFHQ_SAMPLES, REFERENCE_LDM, ROOT
+from conftest import COMPACT, ROOT, SAMPLE_IMAGES
 
 DEMO = "configs/tasks/demo"
 # A very short run: 3 timesteps, 2 particles, one image, short pseudo-inverse and refinement.
@@ -227,7 +227,7 @@ def test_authors_command_line_with_a_compvis_checkpoint(tmp_path, config_dir, fl
     """Their layout, run from its own folder: a Lightning checkpoint at models/ldm/ffhq/model.ckpt, the
     FFHQ model config at our default path or at theirs (here a small model of the same family), their
     task YAML; with our defaults, or with every flag of their script spelled out."""
-    io = torch.load(REFERENCE_LDM / "small_ldm_io.pt", weights_only=True)
+    io = torch.load(COMPACT / "compact_ldm_io.pt", weights_only=True)
     config = {"model": {"target": "ldm.models.diffusion.ddpm.LatentDiffusion", "params": {
         "linear_start": 0.0015, "linear_end": 0.0195, "timesteps": 1000, "image_size": 16, "channels": 3,
         "scale_factor": 1.0, "ckpt_path": "models/ldm/ffhq/model.ckpt",
@@ -240,7 +240,7 @@ def test_authors_command_line_with_a_compvis_checkpoint(tmp_path, config_dir, fl
     (tmp_path / config_dir).mkdir(parents=True)
     (tmp_path / config_dir / "ffhq-ldm-vq-4.yaml").write_text(yaml.safe_dump(config))
     (tmp_path / "models" / "ldm" / "ffhq").mkdir(parents=True)
-    shutil.copy(REFERENCE_LDM / "small_ldm_lightning.ckpt", tmp_path / "models" / "ldm" / "ffhq" / "model.ckpt")
+    shutil.copy(COMPACT / "compact_ldm_lightning.ckpt", tmp_path / "models" / "ldm" / "ffhq" / "model.ckpt")
     (tmp_path / "configs" / "tasks").mkdir()
     (tmp_path / "configs" / "tasks" / "inpainting_config.yaml").write_text(
         "conditioning:\n  main_sampler: LD-SMC\n\ndata:\n  name: ffhq\n  root: ./data/samples/\n\n"
@@ -248,7 +248,7 @@ def test_authors_command_line_with_a_compvis_checkpoint(tmp_path, config_dir, fl
         "    mask_len_range: !!python/tuple [ 32, 33 ]  # for box\n    image_size: 64\n\n\n"
         "  noise:\n    name: gaussian\n    sigma: 0.01\n")
     (tmp_path / "data" / "samples").mkdir(parents=True)
-    shutil.copy(sorted(FFHQ_SAMPLES.glob("*.png"))[0], tmp_path / "data" / "samples" / "000_true.png")
+    shutil.copy(sorted(SAMPLE_IMAGES.glob("*.png"))[0], tmp_path / "data" / "samples" / "000_true.png")
 
     cmd = [sys.executable, str(ROOT / "sample_condition.py"), "--task_config", "configs/tasks/inpainting_config.yaml",
            "--num_particles", "2", "--ddim_steps", "3", "--kappa1", "1.0", "--kappa2", "2.5", "--rho", "0.75",
@@ -267,24 +267,24 @@ def test_authors_command_line_with_a_compvis_checkpoint(tmp_path, config_dir, fl
 
 def test_class_conditional_model_needs_and_gets_labels(tmp_path, capsys, monkeypatch):
     """ImageNet-style tasks: one label per image from data.labels_file (or data.class_label) reaches the sampler."""
-    cin = torch.load(REFERENCE_LDM / "small_cin_io.pt", weights_only=True)
-    vq = torch.load(REFERENCE_LDM / "small_ldm_io.pt", weights_only=True)
+    cin = torch.load(COMPACT / "compact_cin_io.pt", weights_only=True)
+    vq = torch.load(COMPACT / "compact_ldm_io.pt", weights_only=True)
     config = {"model": {"target": "ldm.models.diffusion.ddpm.LatentDiffusion", "params": {
         "linear_start": 0.0015, "linear_end": 0.0195, "timesteps": 1000, "image_size": 16, "channels": 3,
-        "scale_factor": 1.0, "ckpt_path": str(REFERENCE_LDM / "small_cin.ckpt"), "conditioning_key": "crossattn",
+        "scale_factor": 1.0, "ckpt_path": str(COMPACT / "compact_cin.ckpt"), "conditioning_key": "crossattn",
         "unet_config": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
                         "params": dict(cin["unet_config"])},
         "first_stage_config": {"target": "ldm.models.autoencoder.VQModelInterface", "params": {
             "embed_dim": int(vq["embed_dim"]), "n_embed": int(vq["n_embed"]), "ddconfig": dict(vq["ddconfig"]),
-            "ckpt_path": str(REFERENCE_LDM / "small_ldm.ckpt")}},
+            "ckpt_path": str(COMPACT / "compact_ldm.ckpt")}},
         "cond_stage_config": {"target": "ldm.modules.encoders.modules.ClassEmbedder",
-                              "params": {"n_classes": int(cin["n_classes"]), "embed_dim": 24,
+                              "params": {"n_classes": int(cin["n_classes"]), "embed_dim": int(cin["unet_config"]["context_dim"]),
                                          "key": "class_label"}}}}}
     (tmp_path / "cin.yaml").write_text(yaml.safe_dump(config))
     images = tmp_path / "images"
     images.mkdir()
     for name in ("a.png", "b.png"):
-        shutil.copy(sorted(FFHQ_SAMPLES.glob("*.png"))[0], images / name)
+        shutil.copy(sorted(SAMPLE_IMAGES.glob("*.png"))[0], images / name)
     task = tmp_path / "task.yaml"
     task.write_text("data: {name: imagenet, root: images}\nmeasurement:\n  operator: {name: inpainting}\n"
                     "  mask_opt: {mask_type: box, mask_len_range: [32, 33], image_size: 64}\n"

@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from ldm_small import single_thread  # noqa: F401 (autouse: one thread is faster for tiny tensors)
+from ldm_compact import single_thread  # noqa: F401 (autouse: one thread is faster for tiny tensors)
 from smc.closed_form import GaussianMixtureLDM, make_toy_problem, sliced_wasserstein
 
 

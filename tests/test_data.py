@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 
 from data import ImageFolderDataset, get_dataset
-from tests.conftest import ROOT
+from conftest import ROOT
 from util.images import load_image, save_image, to_uint8, to_unit
 
 SAMPLES = ROOT / "data" / "samples"

@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-from conftest import REFERENCE_LDM, ROOT
+from conftest import MANIFESTS, ROOT
 from ldm import ConfigError, build_model
 from ldm.schedule import alphas_cumprod_from_betas, linear_beta_schedule
-from ldm_small import single_thread  # noqa: F401  (autouse fixture)
-from ldm_small import load_io, small_ldm_config
+from ldm_compact import single_thread  # noqa: F401  (autouse fixture)
+from ldm_compact import load_io, compact_ldm_config
 
 FFHQ_FIRST_STAGE_PARAMS = 55_322_782
 
@@ -17,7 +17,7 @@ FFHQ_FIRST_STAGE_PARAMS = 55_322_782
 @pytest.mark.parametrize("config, manifest", [("ffhq-ldm-vq-4.yaml", "ffhq_ldm_vq4_manifest.json"),
                                               ("cin256-v2.yaml", "cin256_v2_manifest.json")])
 def test_full_size_model_matches_manifest(config, manifest):
-    ref = json.loads((REFERENCE_LDM / manifest).read_text())
+    ref = json.loads((MANIFESTS / manifest).read_text())
     model = build_model(ROOT / "configs" / "models" / config, device="meta")
     got = {k: list(v.shape) for k, v in model.state_dict_compvis().items()}
     assert sorted(set(got) - set(ref["keys"])) == []
@@ -31,7 +31,7 @@ def test_full_size_model_matches_manifest(config, manifest):
 
 
 def test_linear_schedule_matches_compvis():
-    io = load_io("small_ldm_io.pt")
+    io = load_io("compact_ldm_io.pt")
     betas = linear_beta_schedule(1000, 0.0015, 0.0195)
     assert betas.dtype == torch.float64
     assert betas[0].item() == pytest.approx(0.0015, rel=1e-12) and betas[-1].item() == pytest.approx(0.0195, rel=1e-12)
@@ -39,22 +39,22 @@ def test_linear_schedule_matches_compvis():
 
 
 def test_config_errors_name_the_key():
-    cfg = small_ldm_config()
+    cfg = compact_ldm_config()
     cfg["model"]["params"]["linear_stat"] = 0.001
     with pytest.raises(ConfigError, match=r"model\.params\.linear_stat"):
         build_model(cfg, device="meta")
 
-    cfg = small_ldm_config()
+    cfg = compact_ldm_config()
     cfg["model"]["params"]["unet_config"]["params"]["num_head_channel"] = 8
     with pytest.raises(ConfigError, match="num_head_channel"):
         build_model(cfg, device="meta")
 
-    cfg = small_ldm_config()
+    cfg = compact_ldm_config()
     cfg["model"]["params"]["first_stage_config"]["target"] = "ldm.models.autoencoder.AutoencoderKL"
     with pytest.raises(ConfigError, match="AutoencoderKL"):
         build_model(cfg, device="meta")
 
-    cfg = small_ldm_config()
+    cfg = compact_ldm_config()
     cfg["model"]["params"]["parameterization"] = "x0"
     with pytest.raises(ConfigError, match="parameterization"):
         build_model(cfg, device="meta")

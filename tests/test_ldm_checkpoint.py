@@ -13,20 +13,20 @@ from conftest import ROOT
 from ldm import CheckpointMismatchError, CheckpointNotFoundError, load_model, safe_pickle, save_model
 from ldm.checkpoint import ema_key, read_checkpoint
 from ldm.safe_pickle import LightningStub, UnsafeCheckpointError
-from ldm_small import single_thread  # noqa: F401  (autouse fixture)
-from ldm_small import SMALL_LDM_CKPT, SMALL_LDM_LIGHTNING_CKPT, load_io, rel_err, small_ldm_config
+from ldm_compact import single_thread  # noqa: F401  (autouse fixture)
+from ldm_compact import COMPACT_LDM_CKPT, COMPACT_LDM_LIGHTNING_CKPT, load_io, rel_err, compact_ldm_config
 
 TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
 def io():
-    return load_io("small_ldm_io.pt")
+    return load_io("compact_ldm_io.pt")
 
 
 @pytest.fixture(scope="module")
 def state():
-    return torch.load(SMALL_LDM_CKPT, weights_only=True)["state_dict"]
+    return torch.load(COMPACT_LDM_CKPT, weights_only=True)["state_dict"]
 
 
 class CopiesAFile:
@@ -41,7 +41,7 @@ class CopiesAFile:
 
 def test_code_running_pickle_is_refused_and_not_run(tmp_path, state):
     marker = tmp_path / "marker"
-    payload = CopiesAFile(SMALL_LDM_CKPT.parent / "small_ldm_io.pt", marker)
+    payload = CopiesAFile(COMPACT_LDM_CKPT.parent / "compact_ldm_io.pt", marker)
     # The payload really runs under plain pickle (so the check below means something).
     pickle.loads(pickle.dumps(payload))
     assert marker.exists()
@@ -52,17 +52,17 @@ def test_code_running_pickle_is_refused_and_not_run(tmp_path, state):
     with pytest.raises(UnsafeCheckpointError, match=r"refusing to load the global 'shutil\.copyfile'"):
         read_checkpoint(path)
     with pytest.raises(pickle.UnpicklingError, match=r"'shutil\.copyfile'"):
-        load_model(small_ldm_config(), ckpt=path)
+        load_model(compact_ldm_config(), ckpt=path)
     assert not marker.exists()
 
 
 def test_lightning_classes_are_inert_stubs():
-    obj = torch.load(SMALL_LDM_LIGHTNING_CKPT, map_location="cpu", weights_only=False, pickle_module=safe_pickle)
+    obj = torch.load(COMPACT_LDM_LIGHTNING_CKPT, map_location="cpu", weights_only=False, pickle_module=safe_pickle)
     (callback_class,) = obj["callbacks"]
     assert issubclass(callback_class, LightningStub)
     assert callback_class.qualified_name == "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"
     assert obj["callbacks"][callback_class]["monitor"] == "val/loss_simple_ema"
-    assert len(read_checkpoint(SMALL_LDM_LIGHTNING_CKPT)) == len(read_checkpoint(SMALL_LDM_CKPT))
+    assert len(read_checkpoint(COMPACT_LDM_LIGHTNING_CKPT)) == len(read_checkpoint(COMPACT_LDM_CKPT))
 
 
 def test_use_ema_loads_the_ema_weights(tmp_path, state, io):
@@ -77,8 +77,8 @@ def test_use_ema_loads_the_ema_weights(tmp_path, state, io):
     path = tmp_path / "ema.ckpt"
     torch.save({"state_dict": ema_state}, path)
 
-    plain = load_model(small_ldm_config(), ckpt=path)  # default: the trained (non-EMA) weights
-    ema = load_model(small_ldm_config(), ckpt=path, use_ema=True)
+    plain = load_model(compact_ldm_config(), ckpt=path)  # default: the trained (non-EMA) weights
+    ema = load_model(compact_ldm_config(), ckpt=path, use_ema=True)
     for name in ("input_blocks.0.0.weight", "middle_block.1.qkv.weight", "out.2.bias"):
         torch.testing.assert_close(plain.unet.state_dict()[name], unet[name], rtol=0, atol=0)
         torch.testing.assert_close(ema.unet.state_dict()[name], ema_state[ema_key(name)], rtol=0, atol=0)
@@ -88,7 +88,7 @@ def test_use_ema_loads_the_ema_weights(tmp_path, state, io):
         # the first stage is not affected by use_ema
         assert rel_err(ema.decode(io["encode_h"]), io["decode_quantized"]) < TOL
     with pytest.raises(CheckpointMismatchError, match="no model_ema"):
-        load_model(small_ldm_config(), ckpt=SMALL_LDM_CKPT, use_ema=True)
+        load_model(compact_ldm_config(), ckpt=COMPACT_LDM_CKPT, use_ema=True)
 
 
 def test_strict_key_report(tmp_path, state):
@@ -101,7 +101,7 @@ def test_strict_key_report(tmp_path, state):
     path = tmp_path / "bad.ckpt"
     torch.save({"state_dict": bad}, path)
     with pytest.raises(CheckpointMismatchError) as err:
-        load_model(small_ldm_config(), ckpt=path)
+        load_model(compact_ldm_config(), ckpt=path)
     msg = str(err.value)
     assert "missing (3)" in msg
     assert "model.diffusion_model.input_blocks.* : 2 keys" in msg
@@ -117,29 +117,29 @@ def test_schedule_and_scale_factor_are_checked(tmp_path, state):
     bad["betas"] = bad["betas"] * 1.1
     torch.save({"state_dict": bad}, tmp_path / "sched.ckpt")
     with pytest.raises(CheckpointMismatchError, match="'betas'"):
-        load_model(small_ldm_config(), ckpt=tmp_path / "sched.ckpt")
+        load_model(compact_ldm_config(), ckpt=tmp_path / "sched.ckpt")
     bad = dict(state)
     bad["scale_factor"] = torch.tensor(0.18)
     torch.save({"state_dict": bad}, tmp_path / "scale.ckpt")
     with pytest.raises(CheckpointMismatchError, match="scale_factor"):
-        load_model(small_ldm_config(), ckpt=tmp_path / "scale.ckpt")
+        load_model(compact_ldm_config(), ckpt=tmp_path / "scale.ckpt")
 
 
 def test_missing_files_say_how_to_get_them():
     with pytest.raises(CheckpointNotFoundError) as err:
-        load_model(small_ldm_config(), ckpt="models/ldm/ffhq/no-such-model.ckpt")
+        load_model(compact_ldm_config(), ckpt="models/ldm/ffhq/no-such-model.ckpt")
     assert isinstance(err.value, FileNotFoundError)
     assert "models/ldm/ffhq/no-such-model.ckpt not found" in str(err.value)
     assert "bash scripts/download_models.sh ffhq" in str(err.value)
     with pytest.raises(CheckpointNotFoundError, match="download_models.sh vq-f4"):
-        load_model(small_ldm_config(), ckpt=SMALL_LDM_CKPT,
+        load_model(compact_ldm_config(), ckpt=COMPACT_LDM_CKPT,
                    first_stage_ckpt="models/first_stage_models/vq-f4/no-such-model.ckpt")
 
 
 def test_safetensors_round_trip(tmp_path, io):
-    model = load_model(small_ldm_config(), ckpt=SMALL_LDM_CKPT)
+    model = load_model(compact_ldm_config(), ckpt=COMPACT_LDM_CKPT)
     path = save_model(model, tmp_path / "model.safetensors")
-    again = load_model(small_ldm_config(ckpt=path))  # the path from the config this time
+    again = load_model(compact_ldm_config(ckpt=path))  # the path from the config this time
     for (k1, v1), (k2, v2) in zip(model.state_dict_compvis().items(), again.state_dict_compvis().items()):
         assert k1 == k2 and torch.equal(v1, v2)
     with torch.no_grad():
@@ -161,17 +161,17 @@ def test_standalone_first_stage_wins(tmp_path, state, io):
     no_codebook = {k: v for k, v in state.items() if k != "first_stage_model.quantize.embedding.weight"}
     torch.save({"state_dict": no_codebook}, tmp_path / "no_codebook.ckpt")
 
-    wrong = load_model(small_ldm_config(), ckpt=tmp_path / "corrupted.ckpt")
+    wrong = load_model(compact_ldm_config(), ckpt=tmp_path / "corrupted.ckpt")
     with torch.no_grad():
         assert rel_err(wrong.decode(io["encode_h"]), io["decode_quantized"]) > 1e-2
     for combined in ("corrupted.ckpt", "no_codebook.ckpt"):
         for first_stage in ("vq.safetensors", "vq.ckpt"):
-            model = load_model(small_ldm_config(first_stage_ckpt=tmp_path / first_stage), ckpt=tmp_path / combined)
+            model = load_model(compact_ldm_config(first_stage_ckpt=tmp_path / first_stage), ckpt=tmp_path / combined)
             with torch.no_grad():
                 assert rel_err(model.decode(io["encode_h"]), io["decode_quantized"]) < TOL
                 assert rel_err(model.eps(io["unet_in"], io["unet_t"]), io["unet_eps"]) < TOL
     with pytest.raises(CheckpointMismatchError, match="first_stage_model.quantize.embedding.weight"):
-        load_model(small_ldm_config(), ckpt=tmp_path / "no_codebook.ckpt")
+        load_model(compact_ldm_config(), ckpt=tmp_path / "no_codebook.ckpt")
 
 
 @pytest.mark.parametrize("zipfile", [True, False], ids=["zip", "legacy"])
@@ -200,7 +200,7 @@ def test_lightning_stubs_in_both_torch_formats(tmp_path, monkeypatch, state, zip
     assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
 
     marker = tmp_path / "marker"
-    torch.save({"state_dict": dict(state), "x": CopiesAFile(SMALL_LDM_CKPT, marker)}, tmp_path / "evil.ckpt",
+    torch.save({"state_dict": dict(state), "x": CopiesAFile(COMPACT_LDM_CKPT, marker)}, tmp_path / "evil.ckpt",
                _use_new_zipfile_serialization=zipfile)
     with pytest.raises(UnsafeCheckpointError, match="'shutil.copyfile'"):
         read_checkpoint(tmp_path / "evil.ckpt")

@@ -6,28 +6,28 @@ import pytest
 import torch
 
 from ldm import load_model
-from ldm_small import single_thread  # noqa: F401  (autouse fixture)
-from ldm_small import (SMALL_LDM_CKPT, SMALL_LDM_LIGHTNING_CKPT, load_io, rel_err,
-                       small_cin_config, small_ldm_config)
+from ldm_compact import single_thread  # noqa: F401  (autouse fixture)
+from ldm_compact import (COMPACT_LDM_CKPT, COMPACT_LDM_LIGHTNING_CKPT, load_io, rel_err,
+                       compact_cin_config, compact_ldm_config)
 
 TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
 def ldm_io():
-    return load_io("small_ldm_io.pt")
+    return load_io("compact_ldm_io.pt")
 
 
 @pytest.fixture(scope="module")
 def cin_io():
-    return load_io("small_cin_io.pt")
+    return load_io("compact_cin_io.pt")
 
 
-@pytest.mark.parametrize("ckpt", [SMALL_LDM_CKPT, SMALL_LDM_LIGHTNING_CKPT], ids=["plain", "lightning"])
+@pytest.mark.parametrize("ckpt", [COMPACT_LDM_CKPT, COMPACT_LDM_LIGHTNING_CKPT], ids=["plain", "lightning"])
 @pytest.mark.parametrize("attention", ["sdpa", "legacy"])
-def test_small_ldm_reproduces_reference(ldm_io, ckpt, attention):
+def test_compact_ldm_reproduces_reference(ldm_io, ckpt, attention):
     io = ldm_io
-    model = load_model(small_ldm_config(), ckpt=ckpt, attention=attention)
+    model = load_model(compact_ldm_config(), ckpt=ckpt, attention=attention)
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     with torch.no_grad():
         assert rel_err(model.eps(io["unet_in"], io["unet_t"]), io["unet_eps"]) < TOL
@@ -47,9 +47,9 @@ def test_small_ldm_reproduces_reference(ldm_io, ckpt, attention):
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "legacy"])
-def test_small_cin_reproduces_reference(cin_io, attention):
+def test_compact_cin_reproduces_reference(cin_io, attention):
     io = cin_io
-    model = load_model(small_cin_config(), attention=attention)
+    model = load_model(compact_cin_config(), attention=attention)
     with torch.no_grad():
         eps = model.eps(io["unet_in"], io["unet_t"], cond=io["class_label"])
         assert rel_err(eps, io["unet_eps"]) < TOL
@@ -64,7 +64,7 @@ def test_small_cin_reproduces_reference(cin_io, attention):
 
 
 def test_attention_switch_changes_kernel_not_result(ldm_io):
-    model = load_model(small_ldm_config(), ckpt=SMALL_LDM_CKPT)
+    model = load_model(compact_ldm_config(), ckpt=COMPACT_LDM_CKPT)
     backends = {m.attention_backend for m in model.modules() if hasattr(m, "attention_backend")}
     assert backends == {"sdpa"}
     with torch.no_grad():
@@ -98,15 +98,15 @@ model:
         in_channels: 3
         out_channels: 3
         model_channels: 32
-        attention_resolutions: [4, 2]
-        num_res_blocks: 2
-        channel_mult: [1, 2, 2]
+        attention_resolutions: [2]
+        num_res_blocks: 1
+        channel_mult: [1, 1]
         num_head_channels: 16
     first_stage_config:
       target: ldm.models.autoencoder.VQModelInterface
       params:
         embed_dim: 3
-        n_embed: 128
+        n_embed: 64
         ddconfig:
           double_z: false
           z_channels: 3
@@ -114,8 +114,8 @@ model:
           in_channels: 3
           out_ch: 3
           ch: 32
-          ch_mult: [1, 2, 4]
-          num_res_blocks: 2
+          ch_mult: [1, 1, 1]
+          num_res_blocks: 1
           attn_resolutions: []
           dropout: 0.0
         lossconfig:
@@ -132,14 +132,14 @@ lightning:
 def test_original_compvis_yaml(tmp_path, ldm_io):
     path = tmp_path / "config.yaml"
     path.write_text(COMPVIS_YAML)
-    model = load_model(path, ckpt=SMALL_LDM_LIGHTNING_CKPT)
+    model = load_model(path, ckpt=COMPACT_LDM_LIGHTNING_CKPT)
     with torch.no_grad():
         assert rel_err(model.eps(ldm_io["unet_in"], ldm_io["unet_t"]), ldm_io["unet_eps"]) < TOL
         assert rel_err(model.decode(ldm_io["encode_h"]), ldm_io["decode_quantized"]) < TOL
 
 
 def test_bf16_autocast_close_to_fp32(ldm_io, cin_io):
-    model = load_model(small_ldm_config(), ckpt=SMALL_LDM_CKPT)
+    model = load_model(compact_ldm_config(), ckpt=COMPACT_LDM_CKPT)
     with torch.no_grad():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             eps = model.eps(ldm_io["unet_in"], ldm_io["unet_t"])
@@ -147,7 +147,7 @@ def test_bf16_autocast_close_to_fp32(ldm_io, cin_io):
         assert torch.isfinite(eps).all() and torch.isfinite(x).all()
         assert rel_err(eps.float(), ldm_io["unet_eps"]) < 5e-2
         assert rel_err(x.float(), ldm_io["decode_not_quantized"]) < 5e-2
-    cin = load_model(small_cin_config())
+    cin = load_model(compact_cin_config())
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         eps = cin.eps(cin_io["unet_in"], cin_io["unet_t"], cond=cin_io["class_label"])
     assert torch.isfinite(eps).all() and rel_err(eps.float(), cin_io["unet_eps"]) < 5e-2

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from guided_diffusion.measurements import OPERATORS, LinearOperator, get_operator
-from tests.conftest import DPS_OPERATORS
+from conftest import DPS_OPERATORS
 
 H = 8  # small images keep gradcheck fast
 

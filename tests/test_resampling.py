@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from ldm_small import single_thread  # noqa: F401 (autouse: one thread is faster for tiny tensors)
+from ldm_compact import single_thread  # noqa: F401 (autouse: one thread is faster for tiny tensors)
 from smc.resampling import SCHEMES, ess, per_image_generators, resample
 
 WEIGHTS = torch.tensor([0.05, 0.4, 0.15, 0.3, 0.1], dtype=torch.float64)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from ldm_small import single_thread  # noqa: F401 (autouse: one thread is faster for tiny tensors)
+from ldm_compact import single_thread  # noqa: F401 (autouse: one thread is faster for tiny tensors)
 from smc import LDSMCConfig, ld_smc_sample, strided_timesteps
 from smc.auxiliary import selected_path
 from smc.closed_form import make_toy_problem, sliced_wasserstein

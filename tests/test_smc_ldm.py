@@ -5,7 +5,7 @@ import torch
 
 import ldm
 from guided_diffusion import measurements
-from ldm_small import SMALL_LDM_CKPT, single_thread, small_ldm_config  # noqa: F401 (autouse fixture)
+from ldm_compact import COMPACT_LDM_CKPT, single_thread, compact_ldm_config  # noqa: F401 (autouse fixture)
 from smc import LDSMCConfig, ld_smc_sample
 from smc.counting import CountingModel
 
@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow   # a few seconds per transition on a busy 2-core 
 
 @pytest.fixture(scope="module")
 def model():
-    return ldm.load_model(small_ldm_config(), device="cpu", ckpt=SMALL_LDM_CKPT)
+    return ldm.load_model(compact_ldm_config(), device="cpu", ckpt=COMPACT_LDM_CKPT)
 
 
 def make_operator(name, B):

@@ -1,21 +1,21 @@
-"""Configs of the reduced reference LDMs in ../shared/fixtures/reference-ldm, built from their *_io.pt files."""
+"""Configs of the compact reference LDMs in tests/fixtures/compact, built from their *_io.pt files."""
 import pytest
 import torch
 
-from conftest import REFERENCE_LDM
+from conftest import COMPACT
 
-SMALL_LDM_CKPT = REFERENCE_LDM / "small_ldm.ckpt"
-SMALL_LDM_LIGHTNING_CKPT = REFERENCE_LDM / "small_ldm_lightning.ckpt"
-SMALL_CIN_CKPT = REFERENCE_LDM / "small_cin.ckpt"
+COMPACT_LDM_CKPT = COMPACT / "compact_ldm.ckpt"
+COMPACT_LDM_LIGHTNING_CKPT = COMPACT / "compact_ldm_lightning.ckpt"
+COMPACT_CIN_CKPT = COMPACT / "compact_cin.ckpt"
 
 
 def load_io(name: str) -> dict:
-    return torch.load(REFERENCE_LDM / name, weights_only=True)
+    return torch.load(COMPACT / name, weights_only=True)
 
 
-def small_ldm_config(ckpt=None, first_stage_ckpt=None) -> dict:
-    """Our config layout for small_ldm.ckpt (unconditional, VQ first stage, f = 4)."""
-    io = load_io("small_ldm_io.pt")
+def compact_ldm_config(ckpt=None, first_stage_ckpt=None) -> dict:
+    """Our config layout for compact_ldm.ckpt (unconditional, VQ first stage, f = 4)."""
+    io = load_io("compact_ldm_io.pt")
     fs_params = {"embed_dim": io["embed_dim"], "n_embed": io["n_embed"], "ddconfig": io["ddconfig"],
                  "lossconfig": {"target": "torch.nn.Identity"}}
     if first_stage_ckpt is not None:
@@ -31,11 +31,11 @@ def small_ldm_config(ckpt=None, first_stage_ckpt=None) -> dict:
     return {"model": {"target": "ldm.models.diffusion.ddpm.LatentDiffusion", "params": params}}
 
 
-def small_cin_config(ckpt=SMALL_CIN_CKPT, first_stage_ckpt=SMALL_LDM_CKPT) -> dict:
-    """Config for small_cin.ckpt: spatial-transformer UNet + class embedder; the checkpoint has no
-    first stage, so the small VQ of small_ldm.ckpt is loaded as the standalone first stage."""
-    io = load_io("small_cin_io.pt")
-    cfg = small_ldm_config(ckpt=ckpt, first_stage_ckpt=first_stage_ckpt)
+def compact_cin_config(ckpt=COMPACT_CIN_CKPT, first_stage_ckpt=COMPACT_LDM_CKPT) -> dict:
+    """Config for compact_cin.ckpt: spatial-transformer UNet + class embedder; the checkpoint has no
+    first stage, so the VQ of compact_ldm.ckpt is loaded as the standalone first stage."""
+    io = load_io("compact_cin_io.pt")
+    cfg = compact_ldm_config(ckpt=ckpt, first_stage_ckpt=first_stage_ckpt)
     params = cfg["model"]["params"]
     params["unet_config"]["params"] = dict(io["unet_config"])
     params["conditioning_key"] = "crossattn"
@@ -52,7 +52,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.fixture(autouse=True, scope="module")
 def single_thread():
-    """The reduced models are tiny: one intra-op thread is faster than two, and much faster
+    """The compact models are tiny: one intra-op thread is faster than two, and much faster
     than two on a busy machine (oversubscription). Restored afterwards."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
