@@ -17,13 +17,13 @@ from .schedule import ddim_eta1_coeffs
 
 @torch.no_grad()
 def heuristic_zhat0(model, operator: Callable, y0: torch.Tensor,
-                    gens: Sequence[torch.Generator], cfg) -> torch.Tensor:
+                    gens: Sequence[torch.Generator], cfg, device) -> torch.Tensor:
     """zhat0 = E(x_hat), x_hat = argmin_x MSE(y0, A(x)) started at D(z), z ~ N(0, I).
 
     y0 [B, ...] -> zhat0 [B, *latent_shape].
     """
     dtype = model.alphas_cumprod.dtype
-    z = randn_per_image(gens, model.latent_shape, model.device, dtype)
+    z = randn_per_image(gens, model.latent_shape, device, dtype)
     x_init = model.decode(z)
     x_hat = pixel_pseudo_inverse(operator, y0, x_init, cfg.xhat_lr, cfg.xhat_max_iters, cfg.xhat_tol)
     return model.encode(x_hat)

@@ -14,6 +14,8 @@ from typing import Callable, List, Optional
 
 import torch
 
+from ldm.interface import REQUIRED, check_model, model_device
+
 from .auxiliary import heuristic_path, heuristic_zhat0, observations_from_path, selected_path
 from .config import LDSMCConfig
 from .optimise import latent_refinement
@@ -90,15 +92,18 @@ def ld_smc_sample(model, operator: Callable, y: torch.Tensor, cfg: LDSMCConfig,
                   callback: Optional[Callable[[TransitionState], None]] = None) -> LDSMCResult:
     """Run LD-SMC (or latent TDS when cfg.aux_observations is False) for a batch of images.
 
-    model: the latent-diffusion interface (eps, encode, decode, alphas_cumprod,
-        latent_shape, device); operator: A, a callable on flat image batches;
+    model: the latent-diffusion protocol of `ldm/interface.py` (eps, decode, encode,
+        alphas_cumprod, latent_shape; device optional); operator: A, a callable on flat image batches;
     y: measurements y_0 [B, ...]; cond: per-image conditioning [B] (or None);
     generator: one torch.Generator or a list of B. Returns an `LDSMCResult`.
     """
     if not isinstance(cfg, LDSMCConfig):
         raise TypeError(f"cfg must be an LDSMCConfig, got {type(cfg).__name__}")
     cfg = cfg.resolve()
-    device = model.device
+    # Latent TDS never encodes: only LD-SMC's auxiliary path needs E.
+    check_model(model, REQUIRED if cfg.aux_observations else [n for n in REQUIRED if n != "encode"],
+                who="LD-SMC" if cfg.aux_observations else "latent TDS")
+    device = model_device(model)
     abar = model.alphas_cumprod.to(device)
     if y.dim() < 2:
         raise ValueError(f"y must be a batch [B, ...] of measurements, got shape {tuple(y.shape)}")
@@ -116,7 +121,7 @@ def ld_smc_sample(model, operator: Callable, y: torch.Tensor, cfg: LDSMCConfig,
     # Section 2: auxiliary observations y_t, Gibbs iteration 0 (heuristic forward pass).
     ys = None
     if cfg.aux_observations:
-        zhat0 = heuristic_zhat0(model, operator, y0, gens, cfg)
+        zhat0 = heuristic_zhat0(model, operator, y0, gens, cfg, device)
         path = heuristic_path(zhat0, ts_t, abar, gens)
         ys = observations_from_path(model, operator, path, ts_t, abar,
                                     gens, cfg.noisy_aux_obs, cfg.decode_chunk).to(aux_device)
@@ -172,7 +177,8 @@ def ld_smc_sample(model, operator: Callable, y: torch.Tensor, cfg: LDSMCConfig,
 def _smc_iteration(model, operator, y0, ys, cfg, dens, ts: List[int], gens, cond, callback,
                    gibbs_iter: int, keep_states: bool):
     """One SMC pass over z (spec section 3) for fixed y_{1:T}; returns a dict of tensors."""
-    device, abar = model.device, model.alphas_cumprod.to(model.device)
+    device = model_device(model)
+    abar = model.alphas_cumprod.to(device)
     B, N, K = y0.shape[0], cfg.num_particles, len(ts) - 1
     lat = tuple(model.latent_shape)
     y0_flat = y0.repeat_interleave(N, 0)
