@@ -1,58 +1,38 @@
-"""Restore images with LD-SMC: measure each image of a folder, sample the posterior, write the outputs.
+"""Restore images with LD-SMC (or another method): measure each image of a folder, sample the posterior,
+write the outputs.
 
     python sample_condition.py                     # the demo: box inpainting of held-out digits
     python sample_condition.py --task_config configs/tasks/inpainting_config.yaml --num_particles 5
+    python sample_condition.py --method ltds       # latent TDS, a baseline of the paper
 
 Takes the authors' flags (`--ldm_config`, `--diffusion_config` = the LDM checkpoint,
 `--task_config`, `--save_dir`, `--ddim_steps`, `--kappa1`, `--kappa2`, `--rho`, `--s`,
-`--num_particles`, `--num_gibbs_iters`, `--gpu`, `--seed`) and ours (`--preset`,
+`--num_particles`, `--num_gibbs_iters`, `--gpu`, `--seed`) and ours (`--method`, `--preset`,
 `--batch_size`, `--device`, `--max_images`, `--shard`, `--overwrite`, and dotted `key=value`
 overrides of the task config, e.g. `data.root=../shared/data/ffhq-samples`).
 
-Precedence: a flag given on the command line > the task YAML (`sampler:` section,
-`model:` section) > the sampler's own defaults (`smc.LDSMCConfig`, the authors' values).
+The method (`guided_diffusion.methods`): --method, else the task's conditioning.method, else
+ld_smc. Its settings, later wins: its YAML defaults (configs/methods/<name>.yaml) < the task's
+`sampler:` section (keys it does not have are skipped) < the flags given (see
+util/cli.resolve_method). Outputs go to <save_dir>/<method>/<task>/.
 Every image i gets its own torch.Generator seeded from (seed, i), used for its mask, its
 measurement noise and its sampler draws, so a result does not depend on the batch it ran
 in, and a rerun resumes where the last one stopped (see util/outputs.py for the tree).
 """
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
 from pathlib import Path
 
-from util.cli import AUTHORS_MODEL, PROJECT_ROOT, build_parser, resolve_path, select_device, shard_of
-
-
-def sampler_config(args, task):
-    """LDSMCConfig from its defaults, then the task's `sampler:` section, then the flags given."""
-    from smc import LDSMCConfig
-    from util.config import ConfigError
-
-    values = dict(task.sampler)
-    flags = dict(num_particles=args.num_particles, kappa1=args.kappa1, kappa2=args.kappa2, rho=args.rho,
-                 s=args.s, num_gibbs_iters=args.num_gibbs_iters, num_steps=args.ddim_steps, preset=args.preset)
-    values.update({k: v for k, v in flags.items() if v is not None})
-    noise = task.measurement.noise
-    if noise["name"] == "gaussian" and "sigma_y" not in values:
-        values["sigma_y"] = float(noise["sigma"])
-    try:
-        return LDSMCConfig(**values).resolve()
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"sampler settings: {e}") from None
-
-
-def sampler_fields() -> list[str]:
-    from smc import LDSMCConfig
-
-    return [f.name for f in dataclasses.fields(LDSMCConfig)]
+from util.cli import (AUTHORS_MODEL, PROJECT_ROOT, build_parser, resolve_method, resolve_path, select_device,
+                      shard_of)
 
 
 class Restorer:
     """One run's model, operator, noise, data and outputs; `restore(indices)` does a batch of images."""
 
-    def __init__(self, task, cfg, device, seed: int, ldm_config: Path, ckpt: Path | None, task_path: Path,
+    def __init__(self, task, method, device, seed: int, ldm_config: Path, ckpt: Path | None, task_path: Path,
                  resolve, log):
         from data.dataset import get_dataset
         from guided_diffusion.measurements import get_noise, get_operator
@@ -60,12 +40,22 @@ class Restorer:
         from util.config import ConfigError
         from util.masks import MaskGenerator
 
-        self.task, self.cfg, self.device, self.seed, self.log = task, cfg, device, seed, log
+        self.task, self.method, self.device, self.seed, self.log = task, method, device, seed, log
         self.ldm_config, self.ckpt, self.task_path = ldm_config, ckpt, task_path
-        if cfg.select == "all":
+        if method.settings().get("select") == "all":
             raise ConfigError("sampler.select=all keeps every particle; the CLI writes one reconstruction "
                               "per image: use select=max_weight or select=sample")
         meas = task.measurement
+        op_kwargs = {k: v for k, v in meas.operator.items() if k != "name"}
+        if meas.operator["name"] == "motion_blur" and "seed" not in op_kwargs and "kernel" not in op_kwargs:
+            op_kwargs["seed"] = seed  # one motion kernel per run, from --seed
+        try:
+            self.operator = get_operator(meas.operator["name"], device=device, **op_kwargs)
+            self.noise = get_noise(meas.noise["name"], **{k: v for k, v in meas.noise.items() if k != "name"})
+            self.masks = MaskGenerator.from_config(meas.mask_opt) if meas.operator["name"] == "inpainting" else None
+        except (TypeError, ValueError, NameError, KeyError) as e:
+            raise ConfigError(f"task {task_path}, section measurement: {e}") from None
+        method.check_applicable(self.operator, meas.operator["name"])  # before the (slow) model load
         self.model = load_model(ldm_config, device=device, ckpt=ckpt)
         if self.ckpt is None:  # the model config's own ckpt_path: record the file that was read
             from ldm.checkpoint import resolve_path as resolve_ckpt
@@ -82,15 +72,6 @@ class Restorer:
                                   f"{size}x{size} images: use a task made for this model, or set {key}={size}")
         self.dataset = get_dataset(task.data.name, resolve(task.data.root), image_size=size)
         self.labels = self._labels(resolve) if self.model.cond_stage is not None else None
-        op_kwargs = {k: v for k, v in meas.operator.items() if k != "name"}
-        if meas.operator["name"] == "motion_blur" and "seed" not in op_kwargs and "kernel" not in op_kwargs:
-            op_kwargs["seed"] = seed  # one motion kernel per run, from --seed
-        try:
-            self.operator = get_operator(meas.operator["name"], device=device, **op_kwargs)
-            self.noise = get_noise(meas.noise["name"], **{k: v for k, v in meas.noise.items() if k != "name"})
-            self.masks = MaskGenerator.from_config(meas.mask_opt) if meas.operator["name"] == "inpainting" else None
-        except (TypeError, ValueError, NameError, KeyError) as e:
-            raise ConfigError(f"task {task_path}, section measurement: {e}") from None
         self.lpips, self.lpips_note = self._lpips()
 
     def _labels(self, resolve):
@@ -133,13 +114,14 @@ class Restorer:
         """The output tree, checked against (or reset to, for images `only` if given) this run's settings."""
         from util.outputs import OutputTree
 
-        self.tree = OutputTree(save_dir, self.task.name)
+        self.tree = OutputTree(save_dir, self.method.name, self.task.name)
         self.tree.prepare(self.settings(), overwrite=overwrite, only=only)
         return self.tree
 
     def settings(self) -> dict:
         """What determines the results (a resumed run must match it)."""
-        return {"task": self.task.to_dict(), "sampler": dataclasses.asdict(self.cfg), "seed": self.seed,
+        return {"task": self.task.to_dict(), "method": self.method.name, "sampler": self.method.settings(),
+                "seed": self.seed,
                 "model_config": str(self.ldm_config.resolve()),
                 "checkpoint": str(self.ckpt.resolve()) if self.ckpt else None}
 
@@ -148,7 +130,6 @@ class Restorer:
         import torch
         from tqdm import tqdm
 
-        from smc import ld_smc_sample, strided_timesteps
         from util.config import ConfigError
         from util.figures import measurement_images, restoration_figure
         from util.images import to_uint8
@@ -169,14 +150,15 @@ class Restorer:
             y = self.noise(self.operator(x), generator=gens)
         cond = (torch.tensor([self.labels[i] for i in indices], device=self.device)
                 if self.labels is not None else None)
-        steps = (len(strided_timesteps(self.cfg.num_steps, len(self.model.alphas_cumprod))) - 1) \
-            * self.cfg.num_gibbs_iters
+        steps = self.method.num_callbacks(len(self.model.alphas_cumprod))
         with tqdm(total=steps, desc=f"images {indices[0]}-{indices[-1]}", unit="step", leave=False,
                   dynamic_ncols=True) as bar:
             t0 = time.time()
-            res = ld_smc_sample(self.model, self.operator, y, self.cfg, generator=gens, cond=cond,
-                                callback=lambda state: bar.update(1))
+            res = self.method(self.model, self.operator, y, generator=gens, cond=cond,
+                              callback=lambda state: bar.update(1))
             seconds = (time.time() - t0) / len(indices)
+        ess, selected = getattr(res, "ess", None), getattr(res, "selected", None)  # SMC methods only
+        n_particles = self.method.settings().get("num_particles")
         label_img = measurement_images(y, self.task.measurement.operator["name"])
         m = self._metrics(x, res.x0, res.x0_refined, y if label_img is not None and y.shape == x.shape else None)
         tree = self.tree
@@ -191,16 +173,18 @@ class Restorer:
                 tree.save_png("mask", i, to_uint8(mask[b], value_range=(0.0, 1.0))[..., 0])
             if make_figures:
                 panels = [("measurement", label_img[b] if label_img is not None else None),
-                          ("LD-SMC", to_uint8(res.x0[b]))]
+                          (self.method.name, to_uint8(res.x0[b]))]
                 if res.x0_refined is not None:
                     panels.append(("refined", to_uint8(res.x0_refined[b])))
                 panels.append(("ground truth", to_uint8(x[b])))
+                title = f"{self.task.name} {i:05d} ({items[b][2]}), {self.method.name}"
                 atomic_write_bytes(tree.path("figures", i), restoration_figure(
-                    panels, res.ess[b].cpu().numpy(), self.cfg.num_particles,
-                    title=f"{self.task.name} {i:05d} ({items[b][2]}), N = {self.cfg.num_particles}"))
+                    panels, ess[b].cpu().numpy() if ess is not None else None, n_particles or 1,
+                    title=title + (f", N = {n_particles}" if n_particles else "")))
             record = {"index": i, "file": items[b][2], "seconds": seconds,
                       "class_label": None if self.labels is None else self.labels[i],
-                      "selected_particle": int(res.selected[b]), "final_ess": float(res.ess[b, -1])}
+                      "selected_particle": int(selected[b]) if selected is not None else None,
+                      "final_ess": float(ess[b, -1]) if ess is not None else None}
             record.update({k: v[b] for k, v in m.items()})
             tree.save_record(i, record)  # last: marks image i as done
 
@@ -245,8 +229,9 @@ class Restorer:
                            "psnr_gain_db": (mean("psnr_recon") - mean("psnr_measurement")
                                             if mean("psnr_recon") is not None and mean("psnr_measurement") is not None
                                             else None)},
-            "metrics": stats, "lpips": self.lpips_note, "preset": self.cfg.preset,
-            "sampler": dataclasses.asdict(self.cfg), "config": self.settings(),
+            "metrics": stats, "lpips": self.lpips_note, "method": self.method.name,
+            "preset": self.method.settings().get("preset"), "sampler": self.method.settings(),
+            "config": self.settings(),
             "version": package_version(), "git_commit": git_commit(), "device": str(self.device),
             "torch": torch.__version__,
         }
@@ -259,6 +244,7 @@ def run(args) -> dict:
     import torch
     from tqdm import tqdm
 
+    from guided_diffusion.methods import method_fields
     from util.config import ConfigError, load_task
     from util.logging import get_logger
 
@@ -266,8 +252,8 @@ def run(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     task_path = resolve_path(args.task_config)
-    task = load_task(task_path, args.overrides, sampler_fields=sampler_fields())
-    cfg = sampler_config(args, task)
+    task = load_task(task_path, args.overrides, sampler_fields=sorted(method_fields()))
+    method = resolve_method(args, task, log)
     device = select_device(args)
     shard, n_shards = shard_of(args.shard)
     for flag, value in (("--ddim_eta", args.ddim_eta), ("--ddim_scale", args.ddim_scale)):
@@ -279,7 +265,7 @@ def run(args) -> dict:
     if args.max_images is not None and args.max_images < 1:
         raise ConfigError(f"--max_images must be >= 1, got {args.max_images}")
 
-    restorer = Restorer(task, cfg, device, seed=args.seed,
+    restorer = Restorer(task, method, device, seed=args.seed,
                         ldm_config=resolve_path(args.ldm_config or task.model.config or AUTHORS_MODEL),
                         ckpt=resolve_path(args.diffusion_config or task.model.ckpt),
                         task_path=task_path, resolve=resolve_path, log=log)
@@ -289,9 +275,10 @@ def run(args) -> dict:
     tree = restorer.prepare_outputs(args.save_dir, overwrite=args.overwrite, only=mine if n_shards > 1 else None)
     todo = [i for i in mine if not tree.is_done(i)]
     where = f" (shard {shard}/{n_shards}: {len(mine)} of them)" if n_shards > 1 else ""
+    shown = ", ".join(f"{k} {v}" for k, v in method.settings().items()
+                      if k in ("preset", "num_particles", "num_steps"))
     log.info(f"task {task.name}: {n_total} images{where}, {len(mine) - len(todo)} already done; model "
-             f"{restorer.ldm_config}; device {device}; preset {cfg.preset}, N = {cfg.num_particles}, "
-             f"{cfg.num_steps} steps; outputs in {tree.root}")
+             f"{restorer.ldm_config}; device {device}; method {method.name} ({shown}); outputs in {tree.root}")
     batch_size = args.batch_size or task.data.batch_size
     with tqdm(total=len(todo), desc="images", unit="img", dynamic_ncols=True) as bar:
         for start in range(0, len(todo), batch_size):
@@ -317,7 +304,8 @@ def user_errors() -> tuple:
 
     errors = [ConfigError, FileNotFoundError, NotADirectoryError]
     for module, name in (("ldm", "CheckpointNotFoundError"), ("ldm", "CheckpointMismatchError"),
-                         ("ldm", "ConfigError"), ("util.metrics", "MissingWeightsError")):
+                         ("ldm", "ConfigError"), ("util.metrics", "MissingWeightsError"),
+                         ("guided_diffusion.methods", "MethodError")):
         try:
             cls = getattr(__import__(module, fromlist=[name]), name, None)
         except ImportError:

@@ -1,7 +1,7 @@
 """FID of a finished `sample_condition.py` run: reconstructions against the ground truth.
 
-    python scripts/evaluate.py results/inpainting_box                 # FID(input, recon), FID(input, recon_opt)
-    python scripts/evaluate.py results/inpainting_box --device cuda --dims 2048
+    python scripts/evaluate.py results/ld_smc/inpainting_box                 # FID(input, recon), FID(input, recon_opt)
+    python scripts/evaluate.py results/ld_smc/inpainting_box --device cuda --dims 2048
 
 Reads `<task dir>/input/` and the reconstruction folders the run wrote, computes the
 Frechet Inception distance as pytorch-fid does, prints it and writes `<task dir>/fid.json`.
@@ -35,7 +35,7 @@ def evaluate_fid(task_dir, which=FOLDERS, weights=None, dims: int = 2048, device
     truth = task_dir / "input"
     if not truth.is_dir():
         raise FileNotFoundError(f"{task_dir} has no input/ folder: give the task folder that "
-                                f"sample_condition.py wrote (e.g. results/inpainting_box)")
+                                f"sample_condition.py wrote (e.g. results/ld_smc/inpainting_box)")
     out = {"task_dir": str(task_dir), "dims": dims, "reportable": weights != "random"}
     for name in which:
         folder = task_dir / name

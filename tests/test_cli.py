@@ -13,7 +13,6 @@ from PIL import Image
 
 import ldm
 import sample_condition
-import smc
 from conftest import COMPACT, ROOT, SAMPLE_IMAGES
 
 DEMO = "configs/tasks/demo"
@@ -38,6 +37,23 @@ def cli(capsys, *args):
     return rc, out, err
 
 
+def spy_on_sampler(monkeypatch, before=None):
+    """Wrap every method call; `before(y, kwargs)` runs first. Returns the batch sizes sampled, in order."""
+    import guided_diffusion.methods as methods
+
+    real = methods.Method.__call__
+    calls = []
+
+    def call(self, model, operator, y, **kw):
+        calls.append(y.shape[0])
+        if before is not None:
+            before(y, kw)
+        return real(self, model, operator, y, **kw)
+
+    monkeypatch.setattr(methods.Method, "__call__", call)
+    return calls
+
+
 def png(path):
     return np.asarray(Image.open(path))
 
@@ -53,7 +69,7 @@ def read_csv(path):
 def test_each_operator_family(task, image_shaped_measurement, tmp_path, capsys):
     rc, out, err = cli(capsys, "--task_config", f"{DEMO}/{task}.yaml", "--save_dir", tmp_path, *FAST)
     assert rc == 0, err
-    (root,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    (root,) = [p for p in (tmp_path / "ld_smc").iterdir() if p.is_dir()]
     for kind in ("input", "label", "recon", "recon_opt", "figures"):
         assert (root / kind / "00000.png").is_file(), kind
     assert png(root / "recon" / "00000.png").shape == (32, 32, 3)
@@ -80,22 +96,17 @@ def test_each_operator_family(task, image_shaped_measurement, tmp_path, capsys):
 
 def test_resume_after_an_interruption(tmp_path, capsys, monkeypatch):
     """An interrupted run keeps finished images; the rerun samples only the rest."""
-    real = smc.ld_smc_sample
-    calls = []
-
-    def sampler(model, operator, y, cfg, **kw):
-        calls.append(y.shape[0])
+    def interrupt(y, kw):
         if fail_at is not None and len(calls) == fail_at:
             raise KeyboardInterrupt
-        return real(model, operator, y, cfg, **kw)
 
-    monkeypatch.setattr(smc, "ld_smc_sample", sampler)
+    calls = spy_on_sampler(monkeypatch, interrupt)
     args = ["--task_config", f"{DEMO}/inpainting_config.yaml", "--save_dir", tmp_path, *FAST,
             "--max_images", "3", "--batch_size", "1", "--no_figures"]
     fail_at = 3
     rc, _, err = cli(capsys, *args)
     assert rc == 130 and "resume" in err
-    root = tmp_path / "inpainting_box"
+    root = tmp_path / "ld_smc" / "inpainting_box"
     assert sorted(p.name for p in (root / "records").iterdir()) == ["00000.json", "00001.json"]
     first = root / "recon" / "00000.png"
     stamp, pixels = first.stat().st_mtime_ns, png(first)
@@ -120,17 +131,10 @@ def test_resume_after_an_interruption(tmp_path, capsys, monkeypatch):
 def test_shards_share_one_task_folder(tmp_path, capsys, monkeypatch):
     """--shard K/N (or torchrun's RANK/WORLD_SIZE) restores images i = K mod N into the same folder; the
     tables cover every finished image; --overwrite in a shard redoes only that shard's images."""
-    real = smc.ld_smc_sample
-    sampled = []
-
-    def sampler(model, operator, y, cfg, **kw):
-        sampled.append(y.shape[0])
-        return real(model, operator, y, cfg, **kw)
-
-    monkeypatch.setattr(smc, "ld_smc_sample", sampler)
+    sampled = spy_on_sampler(monkeypatch)
     args = ["--task_config", f"{DEMO}/inpainting_config.yaml", "--save_dir", tmp_path, *FAST,
             "--max_images", "3", "--batch_size", "1", "--no_figures"]
-    root = tmp_path / "inpainting_box"
+    root = tmp_path / "ld_smc" / "inpainting_box"
     rc, _, err = cli(capsys, *args, "--shard", "1/2")
     assert rc == 0, err
     assert sorted(p.name for p in (root / "records").iterdir()) == ["00001.json"]
@@ -160,11 +164,11 @@ def test_results_do_not_depend_on_the_batch(tmp_path, capsys):
     assert cli(capsys, *common, "--batch_size", "2", "--save_dir", tmp_path / "two")[0] == 0
     for i in ("00000", "00001"):
         for kind in ("mask", "label", "recon", "recon_opt"):
-            a = png(tmp_path / "one" / "inpainting_random" / kind / f"{i}.png")
-            b = png(tmp_path / "two" / "inpainting_random" / kind / f"{i}.png")
+            a = png(tmp_path / "one" / "ld_smc" / "inpainting_random" / kind / f"{i}.png")
+            b = png(tmp_path / "two" / "ld_smc" / "inpainting_random" / kind / f"{i}.png")
             assert np.abs(a.astype(int) - b.astype(int)).max() <= 1, (kind, i)
-    m0 = png(tmp_path / "one" / "inpainting_random" / "mask" / "00000.png")
-    m1 = png(tmp_path / "one" / "inpainting_random" / "mask" / "00001.png")
+    m0 = png(tmp_path / "one" / "ld_smc" / "inpainting_random" / "mask" / "00000.png")
+    m1 = png(tmp_path / "one" / "ld_smc" / "inpainting_random" / "mask" / "00001.png")
     assert (m0 != m1).any()  # each image its own mask
 
 
@@ -172,7 +176,7 @@ def test_demo_restores_digits(tmp_path, capsys):
     """The demo task's own settings (few particles, short schedule): reconstructions beat the masked input."""
     rc, out, err = cli(capsys, "--save_dir", tmp_path, "--max_images", "4", "--no_figures", "--threads", "1")
     assert rc == 0, err
-    summary = json.loads((tmp_path / "inpainting_box" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "ld_smc" / "inpainting_box" / "summary.json").read_text())
     comp = summary["comparison"]
     assert comp["n"] == 4 and comp["psnr_recon"] > comp["psnr_measurement"] + 2.0, comp
     assert comp["psnr_recon_opt"] > comp["psnr_measurement"] + 3.0, comp
@@ -256,7 +260,7 @@ def test_authors_command_line_with_a_compvis_checkpoint(tmp_path, config_dir, fl
            "--threads", "1", "sampler.xhat_max_iters=20", "sampler.refine_max_iters=5", *flags]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    out = tmp_path / "results" / "inpainting_box"
+    out = tmp_path / "results" / "ld_smc" / "inpainting_box"
     assert png(out / "recon" / "00000.png").shape == (64, 64, 3)
     assert png(out / "mask" / "00000.png").shape == (64, 64)
     summary = json.loads((out / "summary.json").read_text())
@@ -298,12 +302,11 @@ def test_class_conditional_model_needs_and_gets_labels(tmp_path, capsys, monkeyp
     (images / "labels.txt").write_text("a.png 7\nb.png,3\n")
 
     seen = []
-    real = smc.ld_smc_sample
-    monkeypatch.setattr(smc, "ld_smc_sample", lambda *a, cond=None, **kw: seen.append(cond) or real(*a, cond=cond, **kw))
+    spy_on_sampler(monkeypatch, lambda y, kw: seen.append(kw["cond"]))
     rc, _, err = cli(capsys, *args, "data.labels_file=images/labels.txt")
     assert rc == 0, err
     assert seen[0].tolist() == [7, 3]
-    assert [r["class_label"] for r in read_csv(tmp_path / "out" / "inpainting_box" / "metrics.csv")] == ["7", "3"]
+    assert [r["class_label"] for r in read_csv(tmp_path / "out" / "ld_smc" / "inpainting_box" / "metrics.csv")] == ["7", "3"]
 
 
 def test_lpips_is_recorded_when_its_weights_are_there(tmp_path, capsys, monkeypatch):
@@ -321,8 +324,8 @@ def test_lpips_is_recorded_when_its_weights_are_there(tmp_path, capsys, monkeypa
     rc, _, err = cli(capsys, "--task_config", f"{DEMO}/inpainting_config.yaml", "--save_dir", tmp_path, *FAST,
                      "--no_figures")
     assert rc == 0, err
-    row = read_csv(tmp_path / "inpainting_box" / "metrics.csv")[0]
+    row = read_csv(tmp_path / "ld_smc" / "inpainting_box" / "metrics.csv")[0]
     for key in ("lpips_recon", "lpips_recon_opt", "lpips_measurement"):
         assert float(row[key]) > 0, key
-    summary = json.loads((tmp_path / "inpainting_box" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "ld_smc" / "inpainting_box" / "summary.json").read_text())
     assert summary["lpips"] == "LPIPS(alex)" and summary["metrics"]["lpips_recon"]["n"] == 1

@@ -1,4 +1,5 @@
-"""Command-line options of `sample_condition.py`: the parser, paths, the device and the shard.
+"""Command-line options of `sample_condition.py`: the parser, the method and its settings, paths,
+the device and the shard.
 
 Kept apart from the script so that the script reads as what it does (load, restore,
 write) and these small rules can be tested on their own.
@@ -11,6 +12,11 @@ from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEMO_TASK = "configs/tasks/demo/inpainting_config.yaml"
+DEFAULT_METHOD = "ld_smc"
+# The authors' sampler flags and the method setting each one sets.
+FLAG_SETTINGS = {"--num_particles": "num_particles", "--kappa1": "kappa1", "--kappa2": "kappa2", "--rho": "rho",
+                 "--s": "s", "--num_gibbs_iters": "num_gibbs_iters", "--ddim_steps": "num_steps",
+                 "--preset": "preset"}
 AUTHORS_MODEL = "configs/models/ffhq-ldm-vq-4.yaml"  # the authors' default model (FFHQ LDM)
 
 
@@ -25,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--diffusion_config", default=None,
                    help="the LDM checkpoint (.ckpt or .safetensors); default: the model config's ckpt_path")
     a.add_argument("--task_config", default=DEMO_TASK, help=f"task YAML (DPS / LD-SMC layout); default: {DEMO_TASK}, the demo")
-    a.add_argument("--save_dir", default="./results", help="outputs go to SAVE_DIR/<task name>/ (default ./results)")
+    a.add_argument("--save_dir", default="./results",
+                   help="outputs go to SAVE_DIR/<method>/<task name>/ (default ./results)")
     a.add_argument("--ddim_steps", type=int, default=None,
                    help="timesteps on the chain 999 -> 0 (1000: the full chain, the authors' default)")
     a.add_argument("--kappa1", type=float, default=None, help="first gradient scale (default 1.0)")
@@ -44,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CUDA device index (default 0, or LOCAL_RANK under torchrun); -1 or no CUDA: the CPU")
     a.add_argument("--seed", type=int, default=42, help="seed (default 42); image i draws from generators seeded by (seed, i)")
     o = p.add_argument_group("our flags")
+    o.add_argument("--method", default=None,
+                   help=f"posterior sampler (guided_diffusion.methods: ld_smc, ltds, ...); default: the task's "
+                        f"conditioning.method, else {DEFAULT_METHOD}")
     o.add_argument("--preset", choices=("reference", "exact"), default=None,
                    help="'reference' reproduces the authors' code (default), 'exact' the model the paper's analysis assumes")
     o.add_argument("--batch_size", type=int, default=None, help="images sampled together (default: data.batch_size)")
@@ -58,6 +68,70 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("overrides", nargs="*", metavar="key=value",
                    help="task config overrides, e.g. data.root=path measurement.noise.sigma=0.05")
     return p
+
+
+def sampler_override_keys(overrides) -> set[str]:
+    """The `sampler.KEY` names set by dotted overrides on the command line."""
+    from util.config import parse_override
+
+    keys = set()
+    for text in overrides:
+        parts, _ = parse_override(text)
+        if parts[0] == "sampler" and len(parts) > 1:
+            keys.add(parts[1])
+    return keys
+
+
+def resolve_method(args, task, log):
+    """The `Method` to run and where each of its settings came from.
+
+    Name: --method, else the task's conditioning.method, else ld_smc. Settings, later wins:
+    the method's YAML defaults (configs/methods/<name>.yaml) < the task's `sampler:` section
+    (keys the method does not have are skipped, with one log line naming them: the demo
+    tasks' sections hold LD-SMC's particle settings) < the flags given. A flag, or a
+    `sampler.KEY=...` override, that the method does not have is an error.
+    """
+    from guided_diffusion.methods import METHODS, MethodError, available_methods, get_method, method_fields
+    from util.config import ConfigError, check_types
+
+    name = args.method or task.conditioning.get("method") or DEFAULT_METHOD
+    source = "--method" if args.method else ("conditioning.method" if task.conditioning.get("method") else None)
+    if not isinstance(name, str) or name not in available_methods():
+        raise MethodError(f"unknown method {name!r}{f' (from {source})' if source else ''}; "
+                          f"choose one of {', '.join(available_methods())}")
+    fields = method_fields([name])
+    listed = ", ".join(sorted(fields))
+    values, where = {}, {}
+    from_overrides = sampler_override_keys(args.overrides)
+    skipped = []
+    for key, value in task.sampler.items():
+        if key in fields:
+            values[key], where[key] = value, f"sampler.{key}"
+        elif key in from_overrides:
+            raise ConfigError(f"sampler.{key}: method {name!r} has no setting {key!r}; its settings: {listed}")
+        else:
+            skipped.append(key)
+    if skipped:
+        log.info(f"method {name}: skipping the task's sampler setting(s) {', '.join(sorted(skipped))} "
+                 f"(not settings of {name})")
+    for flag, key in FLAG_SETTINGS.items():
+        value = getattr(args, flag[2:])
+        if value is None:
+            continue
+        if key not in fields:
+            raise ConfigError(f"{flag}: method {name!r} has no setting {key!r}; drop the flag or choose a "
+                              f"method that has it (its settings: {listed})")
+        values[key], where[key] = value, flag
+    noise = task.measurement.noise
+    if "sigma_y" in fields and "sigma_y" not in values and noise["name"] == "gaussian":
+        sigma = noise.get("sigma")
+        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma > 0:
+            raise ConfigError(f"measurement.noise.sigma is {sigma}: method {name!r} needs a noise std > 0 for its "
+                              f"likelihood (its sigma_y); for nearly noiseless measurements use e.g. "
+                              f"measurement.noise.sigma=0.001, or set sampler.sigma_y")
+        values["sigma_y"], where["sigma_y"] = float(sigma), "measurement.noise.sigma"
+    check_types(METHODS[name].config_cls, values, where, who=f"method {name!r}")
+    return get_method(name, dataset=task.data.name, **values)
 
 
 def resolve_path(path: str | Path | None) -> Path | None:

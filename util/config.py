@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -192,6 +195,54 @@ def _dataclass_from(cls, raw: Mapping, where: str):
     return cls(**raw)
 
 
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether `value` (read from YAML or a flag) fits the type hint `hint` (int is a float; bool is no int)."""
+    origin = typing.get_origin(hint)
+    if origin is typing.Union or origin is types.UnionType:
+        return any(_matches(value, h) for h in typing.get_args(hint))
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin in (dict, Mapping) or hint is dict:
+        return isinstance(value, Mapping)
+    if origin in (list, tuple) or hint in (list, tuple):
+        return isinstance(value, (list, tuple))
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def _hint_name(hint: Any) -> str:
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null",
+             dict: "a mapping"}
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(dict.fromkeys(_hint_name(h) for h in typing.get_args(hint)))
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def check_types(cls, values: Mapping[str, Any], where: Mapping[str, str], who: str = "") -> None:
+    """Check `values` against the field types of dataclass `cls`; numbers must be finite.
+
+    `where[key]` names where a value came from (a flag, `sampler.KEY`), so the error says
+    what to fix, e.g. "sampler.kappa1: expected a number, got 'abc'".
+    """
+    try:
+        hints = typing.get_type_hints(cls)
+    except (NameError, TypeError):  # a hint this Python cannot evaluate: leave it to the class
+        hints = {}
+    for key, value in values.items():
+        hint = hints.get(key)
+        name = where.get(key, key)
+        if hint is not None and not _matches(value, hint):
+            raise ConfigError(f"{name}: {who + ' setting ' if who else ''}{key} must be {_hint_name(hint)}, "
+                              f"got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{name}: {key} must be a finite number, got {value}")
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Split `a.b.c=value` into (['a', 'b', 'c'], value); the value is read as YAML (3 -> int, [1, 2] -> list)."""
     if "=" not in text:
@@ -246,7 +297,7 @@ def load_task(path: str | Path, overrides: Iterable[str] = (), sampler_fields: I
     # Overrides act on the resolved config, so every data/model field is addressable.
     if base["measurement"].get("mask_opt") is None:
         base["measurement"].pop("mask_opt")
-    allowed_new = {"sampler": sampler_fields or (), "measurement": ("mask_opt",)}
+    allowed_new = {"sampler": sampler_fields or (), "measurement": ("mask_opt",), "conditioning": ("method",)}
     if sampler_fields is None:
         allowed_new.pop("sampler")
     merged = apply_overrides(base, overrides, allowed_new=allowed_new)

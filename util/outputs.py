@@ -1,13 +1,13 @@
 """The output tree of a sampling run: atomic writes, resume, metrics.csv and summary.json.
 
-Layout under `<save_dir>/<task>/`::
+Layout under `<save_dir>/<method>/<task>/` (one rule: different methods never share a task folder)::
 
     input/NNNNN.png      ground truth
     label/NNNNN.png      the measurement, where it is image-shaped
-    recon/NNNNN.png      LD-SMC reconstruction x0
-    recon_opt/NNNNN.png  refined reconstruction D(z_opt)
+    recon/NNNNN.png      the method's reconstruction x0
+    recon_opt/NNNNN.png  refined reconstruction D(z_opt), for methods that refine
     mask/NNNNN.png       inpainting mask (white = observed)
-    figures/NNNNN.png    measurement | reconstructions | ground truth | ESS over time
+    figures/NNNNN.png    measurement | reconstructions | ground truth | ESS over time (SMC methods)
     records/NNNNN.json   per-image metrics; written last, so it marks the image as done
     run.json             the settings the outputs were made with (checked on resume)
     metrics.csv          one row per finished image (rebuilt from records/)
@@ -59,10 +59,10 @@ def _jsonable(x: Any) -> Any:
 
 
 class OutputTree:
-    """Paths, resume state and tables of one run's outputs (`<save_dir>/<task>/`)."""
+    """Paths, resume state and tables of one run's outputs (`<save_dir>/<method>/<task>/`)."""
 
-    def __init__(self, save_dir: str | Path, task: str):
-        self.root = Path(save_dir) / task
+    def __init__(self, save_dir: str | Path, method: str, task: str):
+        self.root = Path(save_dir) / method / task
 
     def path(self, kind: str, index: int) -> Path:
         """Where image `index` of kind `kind` (one of IMAGE_KINDS) goes."""
