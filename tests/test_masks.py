@@ -1,8 +1,13 @@
-"""Masks: DPS box / random / extreme layouts, Palette free-form area, per-index reproducibility."""
+"""Masks: DPS box / random / extreme layouts, the release's free-form masks (distribution and
+OpenCV's rasterisation), Palette free-form area, per-index reproducibility."""
+import hashlib
+import math
+
+import numpy as np
 import pytest
 import torch
 
-from util.masks import MaskGenerator, derive_seed, generator_for_index, mask_for_index
+from util.masks import MaskGenerator, _cv_line, derive_seed, generator_for_index, mask_for_index, release_walk
 
 
 def _hole_bounds(mask):
@@ -64,8 +69,8 @@ def test_random_fraction():
 
 
 @pytest.mark.parametrize("size", [256, 32])
-def test_free_form_area_range(size):
-    gen = MaskGenerator("free_form", image_size=size)
+def test_palette_freeform_area_range(size):
+    gen = MaskGenerator("palette_freeform", image_size=size)
     areas = []
     for i in range(6):
         m = gen(generator_for_index(0, i))
@@ -76,7 +81,7 @@ def test_free_form_area_range(size):
 
 
 def test_mask_for_index_is_reproducible_whatever_the_order():
-    cfg = {"mask_type": "free_form", "image_size": 64}
+    cfg = {"mask_type": "freeform", "image_size": 64}
     forward = [mask_for_index(cfg, 5, i) for i in range(4)]
     backward = [mask_for_index(cfg, 5, i) for i in reversed(range(4))][::-1]
     for a, b in zip(forward, backward):
@@ -87,7 +92,7 @@ def test_mask_for_index_is_reproducible_whatever_the_order():
 
 
 def test_bad_options_are_explained():
-    with pytest.raises(ValueError, match="valid: box, random, extreme, free_form"):
+    with pytest.raises(ValueError, match="valid: box, random, extreme, freeform, palette_freeform"):
         MaskGenerator("both")
     with pytest.raises(ValueError, match="needs mask_len_range"):
         MaskGenerator("box")
@@ -95,3 +100,123 @@ def test_bad_options_are_explained():
         MaskGenerator("random")
     with pytest.raises(TypeError, match="explicit torch.Generator"):
         MaskGenerator("random", mask_prob_range=(0.1, 0.2))(None)
+
+
+# --- The release's free-form masks (mask_type: freeform) ---------------------------------------
+
+def _digest(hole) -> str:
+    return hashlib.sha256(np.packbits(np.asarray(hole, dtype=bool)).tobytes()).hexdigest()[:16]
+
+
+# cv2.line(np.zeros((h, w), np.uint8), p0, p1, 1, thickness) with opencv-python-headless 4.10.0.84
+# (the release's pin): (shape, p0, p1, thickness, pixels set, _digest of the result).
+OPENCV_LINES = [
+    ((40, 40), (5, 20), (35, 20), 20, 820, "0df64c671b5883f8"),
+    ((40, 40), (20, 3), (20, 36), 2, 104, "6fe9005619deb9df"),
+    ((40, 40), (-7, -9), (30, 41), 3, 239, "6314c0198caf19a2"),
+    ((33, 47), (50, -10), (-12, 25), 7, 341, "74015199514f7b59"),
+    ((64, 64), (32, 32), (32, 32), 20, 317, "f06ca06d5d73d86e"),
+    ((64, 64), (10, 60), (11, 2), 20, 1333, "3a9013264822bc81"),
+    ((64, 64), (-30, 70), (90, -5), 20, 1576, "010857321e2dab0e"),
+    ((24, 24), (3, 4), (5, 5), 2, 10, "7fe4c4457844a62b"),
+    ((48, 32), (31, 47), (0, 0), 4, 278, "5df035fab74cda80"),
+    ((64, 64), (0, 13), (63, 15), 21, 1472, "c41abac43d4c6883"),
+]
+
+
+@pytest.mark.parametrize("shape, p0, p1, thickness, count, digest", OPENCV_LINES)
+def test_thick_line_is_opencvs_pixel_for_pixel(shape, p0, p1, thickness, count, digest):
+    hole = np.zeros(shape, dtype=bool)
+    _cv_line(hole, p0, p1, thickness)
+    assert int(hole.sum()) == count and _digest(hole) == digest
+
+
+# The release's random_irregular_mask (before its area rule) after np.random.seed(seed), drawn with
+# cv2 4.10.0: (seed, pixels set, _digest).
+RELEASE_MASKS = [(0, 4875, "3dcc462216f27bc7"), (1, 12097, "470508466d7a334b"),
+                 (2, 4189, "e3091ef226045372"), (3, 356, "0db748ec9fa33767")]
+
+
+@pytest.mark.parametrize("seed, count, digest", RELEASE_MASKS)
+def test_release_masks_are_reproduced_from_the_releases_draws(seed, count, digest):
+    """Feed the release's numpy draws (its order) through release_walk and draw_strokes."""
+    rs, gen, strokes = np.random.RandomState(seed), MaskGenerator("freeform", image_size=256), []
+    for i in range(rs.randint(1, 3)):
+        row, col = rs.randint(256), rs.randint(256)
+        n = rs.randint(16, 32)
+        angles, lengths = rs.randint(0, 64, size=n).tolist(), rs.randint(10, 40, size=n).tolist()
+        rs.randint(20, 21, size=n)  # its brush widths, all 20
+        strokes.append(release_walk(row, col, angles, lengths, i))
+    hole = gen.draw_strokes(strokes)
+    assert int(hole.sum()) == count and _digest(hole) == digest
+
+
+def test_freeform_distribution_matches_the_release():
+    gen = MaskGenerator("freeform", image_size=256)
+    assert gen.release_thickness == 20
+    n_strokes, n_segments, steps, areas = [], [], [], []
+    for i in range(120):
+        strokes = gen.release_strokes(generator_for_index(0, i))
+        n_strokes.append(len(strokes))
+        for stroke in strokes:
+            n_segments.append(len(stroke) - 1)
+            steps += [math.dist(a, b) for a, b in zip(stroke[:-1], stroke[1:])]
+        areas.append(1 - gen(generator_for_index(1, i)).mean().item())
+    assert set(n_strokes) == {1, 2} and 0.35 < np.mean(np.array(n_strokes) == 2) < 0.65
+    assert min(n_segments) >= 16 and max(n_segments) <= 31 and 21 < np.mean(n_segments) < 26
+    # lengths randint(10, 40); truncating each coordinate moves an end by less than 1 px per axis
+    assert 10 - 2 ** 0.5 <= min(steps) and max(steps) <= 39 + 2 ** 0.5 and 22 < np.mean(steps) < 27
+    assert all(0.05 < a < 0.5 for a in areas)  # the release's strict rule
+    assert 0.10 < np.mean(areas) < 0.17 and len(set(areas)) == len(areas)
+
+
+@pytest.mark.parametrize("size, inner, outer", [(256, 9.5, 11.0), (32, 1.0, 2.0)])
+def test_freeform_stroke_width(size, inner, outer):
+    """An isolated segment covers every pixel within ``inner`` of it and none beyond ``outer``:
+    cv2 thickness 20 at 256 px is a brush of radius 10 (21 px wide); 2 (3 px wide) at 32 px."""
+    gen = MaskGenerator("freeform", image_size=size)
+    rows, cols = np.mgrid[0:size, 0:size].astype(float)
+    for i in range(3):
+        stroke = gen.release_strokes(generator_for_index(2, i))[0]
+        for a, b in list(zip(stroke[:-1], stroke[1:]))[:8]:
+            hole = gen.draw_strokes([[a, b]])
+            d = np.subtract(b, a, dtype=float)
+            t = np.clip(((rows - a[0]) * d[0] + (cols - a[1]) * d[1]) / max(d @ d, 1e-12), 0, 1)
+            dist = np.hypot(rows - a[0] - t * d[0], cols - a[1] - t * d[1])
+            assert hole[dist <= inner].all() and not hole[dist > outer].any()
+
+
+def test_freeform_demo_size_scales_the_release_geometry():
+    """At 32 px: the same walk as at 256 px, vertices mapped to floor((v + 0.5) / 8), brush radius 1."""
+    big, small = MaskGenerator("freeform", image_size=256), MaskGenerator("freeform", image_size=32)
+    assert small.release_thickness == 2 and MaskGenerator("freeform", image_size=64).release_thickness == 4
+    for i in range(5):
+        walk256 = big.release_strokes(generator_for_index(3, i))
+        walk32 = small.release_strokes(generator_for_index(3, i))
+        assert walk32 == [[(r // 8, c // 8) for r, c in stroke] for stroke in walk256]
+    areas = [1 - mask_for_index({"mask_type": "freeform", "image_size": 32}, 4, i).mean().item() for i in range(60)]
+    assert all(0.05 < a < 0.5 for a in areas) and 0.10 < np.mean(areas) < 0.19
+
+
+def test_freeform_masks_are_reproducible_and_per_image():
+    cfg = {"mask_type": "freeform", "image_size": 256}
+    gen = MaskGenerator.from_config(cfg)
+    first = gen(torch.Generator().manual_seed(7))
+    assert first.shape == (1, 256, 256) and first.dtype == torch.float32
+    assert set(first.unique().tolist()) == {0.0, 1.0}  # 1 = observed, 0 = missing
+    assert torch.equal(first, gen(torch.Generator().manual_seed(7)))
+    # image 3's mask is the same whichever images were drawn before it
+    alone = mask_for_index(cfg, 11, 3)
+    for i in range(3):
+        mask_for_index(cfg, 11, i)
+    assert torch.equal(alone, mask_for_index(cfg, 11, 3))
+    assert not torch.equal(alone, mask_for_index(cfg, 11, 4))
+
+
+def test_free_form_is_refused_with_the_two_choices():
+    for make in (lambda: MaskGenerator("free_form", image_size=256),
+                 lambda: mask_for_index({"mask_type": "free_form", "image_size": 32}, 0, 0)):
+        with pytest.raises(ValueError, match="'freeform'.*'palette_freeform'"):
+            make()
+    with pytest.raises(ValueError, match="thickness must be at least 2"):
+        _cv_line(np.zeros((8, 8), dtype=bool), (1, 1), (5, 5), 1)
