@@ -1,8 +1,8 @@
 """Auxiliary observations y_t (spec section 2).
 
-Levels are indexed like the timestep list ts = [t_0 = 999 > ... > t_K = 0]: a path is
-a tensor [K+1, B, *latent] (level i at time ts[i]) and the auxiliary observations a
-tensor [K, B, *y] for the levels i < K (t > 0); level K carries the real y_0.
+A path is a tensor [L, B, *latent], one latent per level; the auxiliary observations a
+tensor [L-1, B, *y] for the chain's levels m < L-1 (t > 0; `smc.levels.Chain`): the last
+level carries the real y_0.
 """
 from __future__ import annotations
 
@@ -11,52 +11,55 @@ from typing import Callable, Sequence
 import torch
 
 from .optimise import pixel_pseudo_inverse
-from .resampling import randn_per_image
 from .schedule import ddim_eta1_coeffs
 
 
 @torch.no_grad()
-def heuristic_zhat0(model, operator: Callable, y0: torch.Tensor,
-                    gens: Sequence[torch.Generator], cfg, device) -> torch.Tensor:
+def heuristic_zhat0(model, operator: Callable, y0: torch.Tensor, draws, cfg, device,
+                    emit) -> torch.Tensor:
     """zhat0 = E(x_hat), x_hat = argmin_x MSE(y0, A(x)) started at D(z), z ~ N(0, I).
 
-    y0 [B, ...] -> zhat0 [B, *latent_shape].
+    y0 [B, ...] -> zhat0 [B, *latent_shape]. `draws`: a `smc.draws.DrawSource`;
+    `emit(event, **values)`: the trace hook of `ld_smc_sample`.
     """
     dtype = model.alphas_cumprod.dtype
-    z = randn_per_image(gens, model.latent_shape, device, dtype)
+    z = draws.randn("x_hat_init", model.latent_shape, device, dtype)
     x_init = model.decode(z)
-    x_hat = pixel_pseudo_inverse(operator, y0, x_init, cfg.xhat_lr, cfg.xhat_max_iters, cfg.xhat_tol)
-    return model.encode(x_hat)
+    x_hat = pixel_pseudo_inverse(operator, y0, x_init, cfg.xhat_lr, cfg.xhat_max_iters, cfg.xhat_tol,
+                                 on_step=lambda it, loss, x: emit("pseudo_inverse_step", it=it, loss=loss))
+    zhat0 = model.encode(x_hat)
+    emit("pseudo_inverse", z_init=z, x_init=x_init, x_hat=x_hat, zhat0=zhat0)
+    return zhat0
 
 
 @torch.no_grad()
-def heuristic_path(zhat0: torch.Tensor, ts: torch.Tensor, abar: torch.Tensor,
-                   gens: Sequence[torch.Generator]) -> torch.Tensor:
+def heuristic_path(zhat0: torch.Tensor, ts: Sequence[int], abar: torch.Tensor, draws,
+                   num_levels: int) -> torch.Tensor:
     """The DDIM (eta = 1) forward-posterior path around zhat0 (section 2, step 3).
 
     z_{t_0} ~ N(0, I); z_t' = sqrt(abar_t') zhat0
-        + sqrt(1 - abar_t' - sigma^2) (z_t - sqrt(abar_t) zhat0) / sqrt(1 - abar_t) + sigma eps.
-    Returns levels 0..K-1 (z_0 is never needed): [K, B, *latent].
+        + sqrt(1 - abar_t' - sigma^2) (z_t - sqrt(abar_t) zhat0) / sqrt(1 - abar_t) + sigma eps,
+    along the schedule ts. Returns its first `num_levels` levels (level i at ts[i]):
+    [num_levels, B, *latent].
     """
-    K = ts.numel() - 1
-    z = randn_per_image(gens, zhat0.shape[1:], zhat0.device, zhat0.dtype)
+    z = draws.randn("path", zhat0.shape[1:], zhat0.device, zhat0.dtype)
     path = [z]
-    for i in range(K - 1):
+    for i in range(num_levels - 1):
         a_t, a_n = abar[ts[i]], abar[ts[i + 1]]
         sigma, c = ddim_eta1_coeffs(a_t, a_n)
-        eps = randn_per_image(gens, zhat0.shape[1:], zhat0.device, zhat0.dtype)
+        eps = draws.randn("path", zhat0.shape[1:], zhat0.device, zhat0.dtype)
         z = a_n.sqrt() * zhat0 + c * (z - a_t.sqrt() * zhat0) / (1 - a_t).sqrt() + sigma * eps
         path.append(z)
     return torch.stack(path)
 
 
 @torch.no_grad()
-def observations_from_path(model, operator: Callable, path: torch.Tensor, ts: torch.Tensor,
-                           abar: torch.Tensor, gens: Sequence[torch.Generator], noisy: bool,
-                           chunk: int) -> torch.Tensor:
+def observations_from_path(model, operator: Callable, path: torch.Tensor, abar_levels: torch.Tensor,
+                           draws, noisy: bool, chunk: int) -> torch.Tensor:
     """y_t = A(D(z_t)) (plus N(0, (1-abar_t) I) noise if `noisy`) for every level of `path`.
 
-    path [L, B, *latent] -> [L, B, *y]. The decodes run in chunks of about `chunk`
+    path [L, B, *latent], abar_levels [L] (the abar of the chain level each y_t is for)
+    -> [L, B, *y]. The decodes run in chunks of about `chunk`
     latents; each chunk holds whole levels for all B images, laid out image-major so
     that per-image operator state (an inpainting mask) expands correctly.
     """
@@ -71,8 +74,8 @@ def observations_from_path(model, operator: Callable, path: torch.Tensor, ts: to
         ys.append(y.reshape(B, l, *y.shape[1:]).transpose(0, 1))
     ys = torch.cat(ys)
     if noisy:
-        std = (1 - abar[ts[:L]]).sqrt().to(ys.dtype)
-        noise = randn_per_image(gens, (L, *ys.shape[2:]), ys.device, ys.dtype).transpose(0, 1)
+        std = (1 - abar_levels).sqrt().to(ys.dtype)
+        noise = draws.randn("aux_noise", (L, *ys.shape[2:]), ys.device, ys.dtype).transpose(0, 1)
         ys = ys + std.view(L, *([1] * (ys.dim() - 1))) * noise
     return ys
 

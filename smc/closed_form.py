@@ -70,8 +70,12 @@ class GaussianMixtureLDM(nn.Module):
         return torch.logsumexp(self.log_pi[None] + comp, dim=1)
 
     def eps(self, z: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
-        """eps(z, t) = -sqrt(1 - abar_t) grad_z log p_t(z); differentiable in z. [M, d] -> [M, d]."""
-        a = self.alphas_cumprod[t][:, None]
+        """eps(z, t) = -sqrt(1 - abar_t) grad_z log p_t(z); differentiable in z. [M, d] -> [M, d].
+
+        t = T (one past the schedule, the release's first call: `start_at_T`) uses abar_{T-1},
+        the abar the sampler pairs it with.
+        """
+        a = self.alphas_cumprod[t.clamp_max(self.alphas_cumprod.numel() - 1)][:, None]
         var = a * self.variances[None] + (1 - a)                      # [M, K]
         diff = z[:, None, :] - a.sqrt()[:, :, None] * self.means[None]
         logits = self.log_pi[None] - 0.5 * diff.pow(2).sum(-1) / var - 0.5 * z.shape[1] * torch.log(var)

@@ -9,9 +9,13 @@ that iteration is kept) while the others go on. AdamW uses torch's defaults
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
+
+# on_step(it, loss, value): after step `it` (0-based), the per-image loss [B] evaluated
+# before that step and the value after it [B, ...] (a trace hook; None in normal use).
+OnStep = Optional[Callable[[int, torch.Tensor, torch.Tensor], None]]
 
 
 def _per_image_mse(y0: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
@@ -20,7 +24,7 @@ def _per_image_mse(y0: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
 
 
 def pixel_pseudo_inverse(operator: Callable, y0: torch.Tensor, x_init: torch.Tensor,
-                         lr: float, max_iters: int, tol: float) -> torch.Tensor:
+                         lr: float, max_iters: int, tol: float, on_step: OnStep = None) -> torch.Tensor:
     """x_hat = argmin_x MSE(y0, A(x)) per image, from x_init [B, C, H, W].
 
     Stops image b after the step at which its loss was below tol (reference rule),
@@ -31,7 +35,7 @@ def pixel_pseudo_inverse(operator: Callable, y0: torch.Tensor, x_init: torch.Ten
     done = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     out = x.detach().clone()
     y0 = y0.detach()
-    for _ in range(max_iters):
+    for it in range(max_iters):
         opt.zero_grad(set_to_none=True)
         with torch.enable_grad():
             loss = _per_image_mse(y0, operator(x))
@@ -39,6 +43,8 @@ def pixel_pseudo_inverse(operator: Callable, y0: torch.Tensor, x_init: torch.Ten
         opt.step()
         live = ~done
         out[live] = x.detach()[live]
+        if on_step is not None:
+            on_step(it, loss.detach(), out.clone())
         done = done | (loss.detach() < tol)
         if bool(done.all()):
             break
@@ -47,7 +53,7 @@ def pixel_pseudo_inverse(operator: Callable, y0: torch.Tensor, x_init: torch.Ten
 
 def latent_refinement(model, operator: Callable, y0: torch.Tensor, z_init: torch.Tensor,
                       lr: float, max_iters: int, patience: int, tol: float,
-                      keep: str = "best") -> torch.Tensor:
+                      keep: str = "best", on_step: OnStep = None) -> torch.Tensor:
     """z_opt = argmin_z MSE(y0, A(D(z))) per image, from z_init [B, c, h, w].
 
     Image b stops when its loss is higher than `patience` iterations before, or below
@@ -78,6 +84,8 @@ def latent_refinement(model, operator: Callable, y0: torch.Tensor, z_init: torch
         best_loss = torch.where(better, cur, best_loss)
         opt.step()
         last[~done] = z.detach()[~done]
+        if on_step is not None:
+            on_step(it, cur, last.clone())
         history.append(cur)
         stop = cur < tol
         if it >= patience:

@@ -50,8 +50,13 @@ def randn_per_image(gens: Sequence[torch.Generator], shape, device, dtype=torch.
 
 
 def normalise_log_weights(log_w: torch.Tensor) -> torch.Tensor:
-    """log w_i - logsumexp_j log w_j along the last dim ([B, N] -> [B, N])."""
-    return log_w - torch.logsumexp(log_w, dim=-1, keepdim=True)
+    """log w_i - logsumexp_j log w_j along the last dim ([B, N] -> [B, N]).
+
+    Shifted by the maximum first: with large log-weights (float32 values ~1e2-1e6) the
+    logsumexp itself carries an error of ulp(|log w|); the shifted values avoid it.
+    """
+    shifted = log_w - log_w.max(dim=-1, keepdim=True).values
+    return shifted - torch.logsumexp(shifted, dim=-1, keepdim=True)
 
 
 def ess(log_w: torch.Tensor) -> torch.Tensor:

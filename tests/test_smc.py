@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ldm_compact import single_thread  # noqa: F401 (autouse: one thread is faster for tiny tensors)
-from smc import LDSMCConfig, ld_smc_sample, strided_timesteps
+from smc import LDSMCConfig, NonFiniteWeightsError, ld_smc_sample, make_chain, num_transitions, strided_timesteps
 from smc.auxiliary import selected_path
 from smc.closed_form import make_toy_problem, sliced_wasserstein
 from smc.counting import CountingModel
@@ -30,8 +30,20 @@ def small_cfg(**kw):
     (dict(preset="approximate"), "unknown preset"),
     (dict(resampling="stratified"), "unknown resampling"),
     (dict(select="best"), "unknown select"),
-    (dict(kappa1=-1.0), "kappa1 and kappa2"),
+    (dict(kappa1=-1.0), "kappa1 must be >= 0"),
+    (dict(kappa1=float("inf")), "kappa1 must be a finite number, got inf"),
+    (dict(kappa1="abc"), "kappa1 must be a finite number, got 'abc'"),
+    (dict(kappa2=float("nan")), "kappa2 must be a finite number, got nan"),
+    (dict(rho="0.5"), "rho must be a finite number, got '0.5'"),
     (dict(rho=1.5), "rho must lie"),
+    (dict(sigma_y=0.0), "sigma_y must be > 0"),
+    (dict(sigma_y=float("inf")), "sigma_y must be a finite number"),
+    (dict(refine_lr=True), "refine_lr must be a finite number, got True"),
+    (dict(s=-1), "s must be an int >= 0"),
+    (dict(s=33.3), "s must be an int, got 33.3"),
+    (dict(num_steps=20.0), "num_steps must be an int"),
+    (dict(start_at_T="no"), "start_at_T must be True, False"),
+    (dict(refine_return="first"), "refine_return must be"),
     (dict(num_steps=1), "num_steps must be"),
     (dict(num_steps=1001), "num_steps must be"),
     (dict(ess_threshold=0.0), "ess_threshold"),
@@ -52,6 +64,9 @@ def test_presets_fill_only_unset_switches():
     assert (ref.log_density, ref.noisy_aux_obs, ref.ess_threshold) == ("mean", False, None)
     assert (ex.log_density, ex.noisy_aux_obs, ex.final_std_sigma_y, ex.twist_var_sigma_y,
             ex.ess_threshold) == ("sum", True, True, True, 0.5)
+    release = ("start_at_T", "aux_by_position", "log_prior_new_moments", "refine_each_gibbs")
+    assert all(getattr(ref, k) is True for k in release) and ref.refine_return == "last"
+    assert all(getattr(ex, k) is False for k in release) and ex.refine_return == "best"
     mixed = LDSMCConfig(preset="exact", log_density="mean", ess_threshold=None).resolve()
     assert (mixed.log_density, mixed.ess_threshold, mixed.noisy_aux_obs) == ("mean", None, True)
 
@@ -70,11 +85,17 @@ def test_shapes_and_normalised_weights(toy, preset, select):
     B, N = 3, 4
     cfg = small_cfg(preset=preset, select=select, refine=True)
     res = ld_smc_sample(model, op, y0.expand(B, -1), cfg, generator=torch.Generator().manual_seed(0))
-    K = cfg.num_steps - 1
+    K = num_transitions(cfg)
+    assert K == cfg.num_steps - 1 + (preset == "reference")   # the release's extra first level
     lead = (B, N) if select == "all" else (B,)
     assert res.x0.shape == (*lead, 4) and res.z0.shape == (*lead, 4)
     assert res.x0_refined.shape == res.x0.shape
     assert res.x0_per_gibbs.shape == (1, *lead, 4)
+    if preset == "reference":
+        assert torch.equal(res.x0_refined_per_gibbs[-1], res.x0_refined)
+    else:
+        assert res.x0_refined_per_gibbs is None
+    assert res.timesteps.numel() == K + 1
     assert res.particles_z0.shape == (B, N, 4) and res.log_weights.shape == (B, N)
     assert torch.allclose(torch.logsumexp(res.log_weights, 1), torch.zeros(B, dtype=res.log_weights.dtype))
     assert res.ess.shape == (B, K) and bool(((res.ess >= 1 - 1e-9) & (res.ess <= N + 1e-9)).all())
@@ -91,9 +112,9 @@ def test_reference_resamples_every_step_but_first(toy):
     seen = []
     ld_smc_sample(model, op, y0, small_cfg(), generator=torch.Generator().manual_seed(0),
                   callback=lambda s: seen.append((s.step, s.t, s.t_next, bool(s.resampled[0]))))
-    ts = strided_timesteps(20).tolist()
-    assert [s[:3] for s in seen] == [(i, ts[i], ts[i + 1]) for i in range(19)]
-    assert [s[3] for s in seen] == [False] + [True] * 18
+    ts = [1000] + strided_timesteps(20).tolist()     # start_at_T: first level at t = T
+    assert [s[:3] for s in seen] == [(i, ts[i], ts[i + 1]) for i in range(20)]
+    assert [s[3] for s in seen] == [False] + [True] * 19
 
 
 def test_same_seed_same_output_and_batch_independence(toy):
@@ -146,7 +167,9 @@ def test_cond_reaches_every_eps_call(toy):
     cond = torch.tensor([3, 7])
     ld_smc_sample(Spy(model), op, y0.expand(2, -1), small_cfg(num_particles=3), cond=cond,
                   generator=torch.Generator().manual_seed(0))
-    assert len(seen) == 19 and all(torch.equal(c, torch.tensor([3, 3, 3, 7, 7, 7])) for c in seen)
+    # one eps call per level: t = T, ts[0..K-1] with gradient, t = 0 for the release's log prior
+    assert len(seen) == num_transitions(small_cfg()) + 1
+    assert all(torch.equal(c, torch.tensor([3, 3, 3, 7, 7, 7])) for c in seen)
     with pytest.raises(ValueError, match="one per image"):
         ld_smc_sample(model, op, y0.expand(2, -1), small_cfg(), cond=torch.tensor([1]))
 
@@ -167,7 +190,9 @@ def test_call_counts_per_transition(toy, aux):
         assert d["decoder_fwd"] == 1 + int(aux) + g2, d
         assert d["decoder_bwd"] == 1 + g2, d
     last = {k: snaps[-1][1][k] - snaps[-2][1][k] for k in ("unet_fwd", "decoder_fwd")}
-    assert last["unet_fwd"] == 0 and last["decoder_fwd"] == 1 + int(aux)   # z_0: likelihood (+ g2)
+    # z_0: likelihood (+ g2); eps at t = 0 only for the release's log prior (moments at z_0)
+    assert last["unet_fwd"] == int(cfg.resolve().log_prior_new_moments)
+    assert last["decoder_fwd"] == 1 + int(aux)
 
 
 def test_latent_tds_exact_converges_to_posterior(toy):
@@ -213,3 +238,128 @@ def test_aux_device_keeps_results(toy):
     runs = [ld_smc_sample(model, op, y, small_cfg(preset="exact", num_gibbs_iters=2, aux_device=dev),
                           generator=torch.Generator().manual_seed(3)) for dev in (None, "cpu")]
     assert torch.equal(runs[0].x0, runs[1].x0) and torch.equal(runs[0].log_weights, runs[1].log_weights)
+
+
+def test_chain_levels_with_and_without_the_release_indexing():
+    ours = make_chain(4, 1000, start_at_T=False, aux_by_position=False)
+    assert ours.t == ours.a == [999, 666, 333, 0] and ours.aux == [0, 1, 2]
+    release = make_chain(4, 1000, start_at_T=True, aux_by_position=True)
+    assert release.t == [1000, 999, 666, 333, 0] and release.a == [999, 999, 666, 333, 0]
+    # by position: level m meets path level m, i.e. one level below its own abar after the first
+    assert release.aux == [0, 1, 2, 3] and release.num_path_levels == 4
+    by_level = make_chain(4, 1000, start_at_T=True, aux_by_position=False)
+    assert by_level.aux == [0, 0, 1, 2]
+    # the first two transitions share abar_999 -> abar_666; the last level borrows the sigma before
+    abar = torch.linspace(0.99, 0.01, 1000, dtype=torch.float64)
+    sqrt_next, c_eps, sigma = release.step_coeffs(abar)
+    assert sqrt_next[0] == sqrt_next[1] == abar[666].sqrt() and sigma[0] == sigma[1]
+    assert sqrt_next[-1] == 1 and c_eps[-1] == 0 and sigma[-1] == sigma[-2]
+
+
+class Trace:
+    def __init__(self):
+        self.events = []
+
+    def __call__(self, event, **values):
+        self.events.append((event, values))
+
+    def of(self, event):
+        return [v for e, v in self.events if e == event]
+
+
+def test_start_at_T_calls_the_model_at_T_first(toy):
+    model, op, y0, _ = toy
+    ts = []
+
+    class Spy(CountingModel):
+        def eps(self, z, t, cond=None):
+            ts.append(int(t[0]))
+            return super().eps(z, t, cond)
+
+    for start in (True, False):
+        ts.clear()
+        ld_smc_sample(Spy(model), op, y0, small_cfg(start_at_T=start), generator=torch.Generator().manual_seed(0))
+        assert ts[:2] == ([1000, 999] if start else [999, strided_timesteps(20)[1]])
+
+
+@pytest.mark.parametrize("by_position", [True, False])
+def test_aux_pairing(toy, by_position):
+    model, op, y0, _ = toy
+    tr = Trace()
+    ld_smc_sample(model, op, y0, small_cfg(aux_by_position=by_position), generator=torch.Generator().manual_seed(0),
+                  trace=tr)
+    (aux,) = tr.of("aux_observations")
+    path, ys = aux["path"], aux["ys"]
+    decoded = op(model.decode(path.flatten(0, 1))).view(path.shape[0], 1, -1)
+    if by_position:   # level m <- path level m (the path runs one level below the particles)
+        assert torch.allclose(ys, decoded)
+    else:             # levels 0 and 1 share abar_999: both from path level 0
+        assert torch.allclose(ys[0], decoded[0]) and torch.allclose(ys[1], decoded[0])
+        assert torch.allclose(ys[2:], decoded[1:ys.shape[0] - 1])
+
+
+@pytest.mark.parametrize("new_moments", [True, False])
+def test_log_prior_switch(toy, new_moments):
+    # Without guidance the proposal is the prior transition: the spec's log p(z_t | z_t+1)
+    # then equals log pi exactly; the release's moments at the new z_t do not.
+    model, op, y0, _ = toy
+    tr = Trace()
+    cfg = small_cfg(kappa1=0.0, kappa2=0.0, log_prior_new_moments=new_moments)
+    ld_smc_sample(model, op, y0, cfg, generator=torch.Generator().manual_seed(0), trace=tr)
+    steps = tr.of("transition")
+    same = [torch.equal(s["log_prior"], s["log_pi"]) for s in steps]
+    assert not any(same) if new_moments else all(same)
+    if new_moments:   # at t = 0: the moments of z_0 itself (mean zbar0), the sigma of the step before
+        assert steps[-1]["sigma_prior"] == steps[-1]["sigma"]
+
+
+@pytest.mark.parametrize("each", [True, False])
+def test_refine_each_gibbs(toy, each):
+    model, op, y0, _ = toy
+    res = ld_smc_sample(model, op, y0.expand(2, -1), small_cfg(num_gibbs_iters=2, refine=True, refine_each_gibbs=each),
+                        generator=torch.Generator().manual_seed(0))
+    if each:
+        assert res.x0_refined_per_gibbs.shape == (2, 2, 4)
+        assert torch.equal(res.x0_refined_per_gibbs[-1], res.x0_refined)
+    else:
+        assert res.x0_refined_per_gibbs is None and res.x0_refined.shape == (2, 4)
+
+
+class NaNAt:
+    """The closed-form model whose eps is NaN for image `row` (N particles each) at timestep t_bad."""
+
+    def __init__(self, model, row, N, t_bad):
+        self._model, self.row, self.N, self.t_bad = model, row, N, t_bad
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def eps(self, z, t, cond=None):
+        e = self._model.eps(z, t, cond)
+        if int(t[0]) == self.t_bad:
+            bad = torch.zeros(z.shape[0], 1, dtype=torch.bool)
+            bad[self.row * self.N:(self.row + 1) * self.N] = True
+            e = torch.where(bad, torch.full_like(e, float("nan")), e)
+        return e
+
+
+@pytest.mark.parametrize("N", [1, 4])
+def test_non_finite_model_output_is_named(toy, N):
+    model, op, y0, _ = toy
+    ts = [1000] + strided_timesteps(20).tolist()
+    cfg = small_cfg(num_particles=N)
+    with pytest.raises(NonFiniteWeightsError) as info:
+        ld_smc_sample(NaNAt(model, 1, N, ts[5]), op, y0.expand(3, -1), cfg, generator=torch.Generator().manual_seed(0))
+    err = info.value
+    assert isinstance(err, RuntimeError) and (err.image, err.step, err.t) == (1, 4, ts[5])
+    assert "image row 1" in str(err) and "transition 4" in str(err) and f"t = {ts[5]}" in str(err)
+    assert "corrupted checkpoint" in str(err) and "operator" in str(err)
+
+
+def test_non_finite_measurement_stops_at_the_start(toy):
+    model, op, y0, _ = toy
+    y = y0.expand(2, -1).clone()
+    y[0, 0] = float("inf")
+    with pytest.raises(NonFiniteWeightsError, match="image row 0 at the start") as info:
+        ld_smc_sample(model, op, y, small_cfg(aux_observations=False), generator=torch.Generator().manual_seed(0))
+    assert info.value.step is None and info.value.t == 1000

@@ -6,7 +6,7 @@ import torch
 import ldm
 from guided_diffusion import measurements
 from ldm_compact import COMPACT_LDM_CKPT, single_thread, compact_ldm_config  # noqa: F401 (autouse fixture)
-from smc import LDSMCConfig, ld_smc_sample
+from smc import LDSMCConfig, ld_smc_sample, num_transitions
 from smc.counting import CountingModel
 
 pytestmark = pytest.mark.slow   # a few seconds per transition on a busy 2-core CPU
@@ -37,18 +37,21 @@ def test_end_to_end_small_ldm(model, task, gibbs):
     y = op(x_true) + 0.01 * torch.randn(op(x_true).shape, generator=g)
     # The quantised decoder is piecewise constant in z: a larger refinement step than the
     # reference's 5e-3 makes a few iterations change codes (kept short for CPU tests).
+    # refine_return="best": the reference returns the last iterate, which may be worse.
     cfg = LDSMCConfig(num_particles=N, num_steps=4, s=500, num_gibbs_iters=gibbs, xhat_max_iters=5,
-                      refine_lr=0.05, refine_max_iters=8, refine_patience=4, decode_chunk=4)
+                      refine_lr=0.05, refine_max_iters=8, refine_patience=4, decode_chunk=4,
+                      refine_return="best")
     counted = CountingModel(model)
     snaps = []
     res = ld_smc_sample(counted, op, y, cfg, generator=[torch.Generator().manual_seed(s) for s in (1, 2)],
-                        callback=lambda st: snaps.append(counted.snapshot()))
+                        callback=lambda st: snaps.append((st.t_next, counted.snapshot())))
     assert res.x0.shape == (B, 3, 64, 64) and res.x0_refined.shape == (B, 3, 64, 64)
     assert res.z0.shape == (B, 3, 16, 16) and res.particles_z0.shape == (B, N, 3, 16, 16)
     assert res.x0_per_gibbs.shape == (gibbs, B, 3, 64, 64)
     assert torch.isfinite(res.x0).all() and torch.isfinite(res.x0_refined).all()
     assert torch.allclose(res.log_weights.logsumexp(1), torch.zeros(B), atol=1e-5)
-    assert res.ess.shape == (B, 3) and res.preset == "reference"
+    assert res.ess.shape == (B, num_transitions(cfg, 1000)) and res.preset == "reference"
+    assert res.timesteps.tolist() == [1000, 999, 666, 333, 0]   # the release's first level at t = T
     # Refinement lowers the data misfit ||y - A(x)||^2 (it keeps its best iterate). The
     # random-weight UNet drives z_0 far out (|z| ~ 300), where small moves keep the same
     # codebook entries and the quantised decoder output can stay put: require no increase
@@ -56,10 +59,12 @@ def test_end_to_end_small_ldm(model, task, gibbs):
     misfit = lambda x: (y - op(x)).pow(2).flatten(1).sum(1)
     before, after = misfit(res.x0), misfit(res.x0_refined)
     assert bool((after <= before).all()) and bool((after < before).any()), (after, before)
-    # One UNet forward+backward per transition (t' > 0), decoder: D(zbar0), D(z_t), D(mu).
-    d = {k: snaps[1][k] - snaps[0][k] for k in ("unet_fwd", "unet_bwd", "decoder_fwd", "decoder_bwd")}
+    # One UNet forward+backward per transition (t' > 0), decoder: D(zbar0), D(z_t), D(mu) (t' <= s).
+    i = next(i for i in range(1, len(snaps)) if 0 < snaps[i][0] <= cfg.s)
+    before, after = snaps[i - 1][1], snaps[i][1]
+    d = {k: after[k] - before[k] for k in ("unet_fwd", "unet_bwd", "decoder_fwd", "decoder_bwd")}
     assert d == {"unet_fwd": 1, "unet_bwd": 1, "decoder_fwd": 3, "decoder_bwd": 2}, d
-    assert snaps[1]["unet_fwd_rows"] - snaps[0]["unet_fwd_rows"] == B * N
+    assert after["unet_fwd_rows"] - before["unet_fwd_rows"] == B * N
 
 
 def test_image_result_independent_of_batch(model):
