@@ -32,7 +32,7 @@ def test_overrides_win_and_unknown_settings_are_named():
 def test_ltds_is_ld_smc_without_auxiliary_observations():
     assert {"ld_smc", "ltds"} <= set(available_methods())
     m = get_method("ltds", num_steps=6, num_particles=2, kappa1=0.05, sigma_y=0.3, refine=False)
-    assert m.config.aux_observations is False and m.num_callbacks(1000) == 5
+    assert m.config.aux_observations is False and m.num_callbacks(1000) == 6   # start_at_T: one more
     with pytest.raises(MethodError, match="aux_observations must stay False"):
         get_method("ltds", aux_observations=True)
     model, op, y0, _ = make_toy_problem(sigma_y=0.3)
@@ -40,7 +40,7 @@ def test_ltds_is_ld_smc_without_auxiliary_observations():
     res = m(model, op, y0[None], generator=torch.Generator().manual_seed(1), callback=steps.append)
     direct = ld_smc_sample(model, op, y0[None], LDSMCConfig(**{**m.settings(), "preset": "reference"}),
                            generator=torch.Generator().manual_seed(1))
-    assert len(steps) == 5 and torch.equal(res.x0, direct.x0)
+    assert len(steps) == 6 and torch.equal(res.x0, direct.x0)
 
 
 def test_a_linear_only_method_refuses_a_nonlinear_operator():

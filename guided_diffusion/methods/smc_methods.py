@@ -10,13 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ldm.interface import REQUIRED
-from smc import LDSMCConfig, ld_smc_sample
+from smc import LDSMCConfig, ld_smc_sample, num_transitions
 
 from . import MethodSpec, register_method
 
 
 def _callbacks(cfg: LDSMCConfig, num_train_steps: int) -> int:
-    return (min(cfg.num_steps, num_train_steps) - 1) * cfg.num_gibbs_iters
+    """One callback per transition of each Gibbs iteration (the reference preset's chain has one more)."""
+    return num_transitions(cfg, num_train_steps) * cfg.num_gibbs_iters
 
 
 @dataclass
