@@ -1,5 +1,9 @@
 """Posterior samplers on one interface: LD-SMC, latent TDS and the paper's baselines.
 
+Methods (one module each; docs/methods.md): ld_smc, ltds (smc_methods.py), ldps, gml_dps, psld,
+resample, latent_daps. The baselines share their chain, DDIM step and guidance pieces
+(common.py) and return a `common.MethodResult`; ld_smc and ltds return `smc.LDSMCResult`.
+
     from guided_diffusion.methods import get_method
     sampler = get_method("ldps", dataset="ffhq", num_steps=1000)   # defaults: configs/methods/ldps.yaml
     res = sampler(model, operator, y, generator=gens, cond=None, callback=None)
@@ -167,7 +171,7 @@ def _load_all() -> None:
 
 
 # One module per method family; each calls register_method at import.
-METHOD_MODULES = ("smc_methods",)
+METHOD_MODULES = ("smc_methods", "ldps", "gml_dps", "psld", "resample", "latent_daps")
 
 __all__ = ["get_method", "available_methods", "method_fields", "method_defaults", "Method", "MethodSpec",
            "MethodError", "MethodNotApplicableError", "register_method", "METHODS"]
