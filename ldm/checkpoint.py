@@ -14,6 +14,7 @@ checkpoint, with the restricted unpickler of :mod:`ldm.safe_pickle`: never with 
 """
 import os
 import pickle
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +37,18 @@ class CheckpointNotFoundError(FileNotFoundError):
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint's keys, shapes or schedule do not match the model built from the config."""
+
+
+class CheckpointReadError(CheckpointMismatchError):
+    """A checkpoint file cannot be read at all (truncated, corrupted, or not a checkpoint); the message names it."""
+
+
+def _unreadable(path: Path, e: BaseException) -> CheckpointReadError:
+    text = str(e).strip()
+    detail = text.splitlines()[0].split(". ")[0][:200] if text else "the file ends too early"
+    return CheckpointReadError(
+        f"checkpoint {path} cannot be read ({type(e).__name__}: {detail}): the file is truncated, "
+        f"corrupted or not a checkpoint; download it again (see docs/models.md) or check the path")
 
 
 def resolve_path(path: str | os.PathLike) -> Path:
@@ -65,12 +78,21 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = require_file(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
-        return dict(load_file(str(path), device="cpu"))
+        try:
+            return dict(load_file(str(path), device="cpu"))
+        except Exception as e:  # safetensors raises its own SafetensorError (and others) on a damaged file
+            raise _unreadable(path, e) from None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # A Lightning checkpoint (or something worse): the restricted unpickler decides.
-        obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=safe_pickle)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            # A Lightning checkpoint (or something worse): the restricted unpickler decides.
+            obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=safe_pickle)
+    except safe_pickle.UnsafeCheckpointError as e:
+        raise safe_pickle.UnsafeCheckpointError(f"{path}: {e}") from None
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile,
+            UnicodeDecodeError, KeyError, AttributeError, ImportError, IndexError, TypeError) as e:
+        raise _unreadable(path, e) from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

@@ -63,10 +63,11 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
-@pytest.mark.parametrize("task, image_shaped_measurement", [
-    ("inpainting_config", True), ("gaussian_deblur_config", True), ("motion_deblur_config", True),
-    ("super_resolution_x4_config", False), ("phase_retrieval_config", False)])
-def test_each_operator_family(task, image_shaped_measurement, tmp_path, capsys):
+@pytest.mark.parametrize("task, image_shaped_measurement, baseline", [
+    ("inpainting_config", True, "measurement"), ("gaussian_deblur_config", True, "measurement"),
+    ("motion_deblur_config", True, "measurement"), ("super_resolution_x4_config", False, "bicubic"),
+    ("phase_retrieval_config", False, None)])
+def test_each_operator_family(task, image_shaped_measurement, baseline, tmp_path, capsys):
     rc, out, err = cli(capsys, "--task_config", f"{DEMO}/{task}.yaml", "--save_dir", tmp_path, *FAST)
     assert rc == 0, err
     (root,) = [p for p in (tmp_path / "ld_smc").iterdir() if p.is_dir()]
@@ -90,8 +91,20 @@ def test_each_operator_family(task, image_shaped_measurement, tmp_path, capsys):
     assert summary["version"] == ldm.__version__ and summary["device"] == "cpu"
     assert "git_commit" in summary and summary["lpips"].startswith("unavailable")
     assert summary["config"]["task"]["measurement"]["noise"]["sigma"] == 0.01
-    assert summary["comparison"]["psnr_recon"] == pytest.approx(float(rows[0]["psnr_recon"]), abs=1e-4)
+    comp = summary["comparison"]
+    assert comp["psnr_recon"] == pytest.approx(float(rows[0]["psnr_recon"]), abs=1e-4)
     assert "mean PSNR over 1 images" in out
+    # Each task's simple reference: the measurement itself, bicubic upsampling of y, or none with the reason.
+    assert comp["baseline"] == baseline and (rows[0]["psnr_baseline"] != "") == (baseline is not None)
+    if baseline is None:
+        assert comp["psnr_gain_db"] is None and "no baseline for phase retrieval" in out
+    else:
+        assert comp["psnr_baseline"] == pytest.approx(float(rows[0]["psnr_baseline"]), abs=1e-4)
+        assert comp["psnr_gain_db"] == pytest.approx(comp["psnr_recon"] - comp["psnr_baseline"])
+        label = {"measurement": "measurement", "bicubic": "bicubic upsampling of y"}[baseline]
+        assert f"{label} {comp['psnr_baseline']:.2f} dB ({comp['psnr_gain_db']:+.2f} dB)" in out
+    if baseline == "measurement":
+        assert rows[0]["psnr_baseline"] == rows[0]["psnr_measurement"]
 
 
 def test_resume_after_an_interruption(tmp_path, capsys, monkeypatch):

@@ -83,3 +83,40 @@ def test_to_uint8_rounds_and_clips():
     out = to_uint8(x)
     assert out.shape == (1, 4, 3) and out.dtype == np.uint8
     assert out[0, :, 0].tolist() == [0, 0, 128, 255]
+
+
+def test_16_bit_greyscale_is_scaled_not_clipped(tmp_path):
+    """PIL's convert('RGB') clips 16-bit values to 255; we scale by 1/257 (65535 -> 255)."""
+    values = np.array([[0, 257, 1000, 30000, 65535, 128 * 257]], dtype=np.uint16)
+    Image.fromarray(values).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I")
+    x = load_image(tmp_path / "g16.png")  # [1, 3, 1, 6] in [-1, 1]
+    got = np.round((x[0, 0, 0].numpy() + 1) * 127.5).astype(int)
+    assert got.tolist() == np.round(values[0] / 257).astype(int).tolist() == [0, 1, 4, 117, 255, 128]
+    torch.testing.assert_close(x[0, 0], x[0, 2])  # grey in every channel
+
+
+def test_hidden_files_are_skipped_and_a_file_is_no_folder(tmp_path):
+    _write(tmp_path / "a.png", np.zeros((8, 8), dtype=np.uint8))
+    (tmp_path / "._a.png").write_bytes(b"macOS resource fork, not an image")
+    (tmp_path / ".b.png").write_bytes(b"hidden")
+    ds = ImageFolderDataset(tmp_path, image_size=8)
+    assert [f.name for f in ds.files] == ["a.png"] and ds.unreadable([0]) == []
+    with pytest.raises(NotADirectoryError, match="a.png is a file"):
+        ImageFolderDataset(tmp_path / "a.png")
+
+
+def test_unreadable_reports_every_bad_file(tmp_path):
+    _write(tmp_path / "a.png", np.zeros((8, 8), dtype=np.uint8))
+    (tmp_path / "b.png").write_bytes(b"junk")
+    (tmp_path / "c.png").write_bytes((tmp_path / "a.png").read_bytes()[:40])  # truncated
+    ds = ImageFolderDataset(tmp_path, image_size=8)
+    bad = ds.unreadable(range(3))
+    assert len(bad) == 2 and "b.png" in bad[0] and "c.png" in bad[1]
+
+
+def test_decompression_bomb_is_refused_naming_the_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # 2 x 10 pixels is Pillow's error threshold
+    _write(tmp_path / "big.png", np.zeros((8, 8), dtype=np.uint8))
+    with pytest.raises(ValueError, match=r"big\.png.*Downscale"):
+        load_image(tmp_path / "big.png")

@@ -53,3 +53,17 @@ def test_not_a_run_folder(tmp_path, capsys):
     evaluate = _load_script()
     assert evaluate.main([str(tmp_path)]) == 2
     assert "has no input/ folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage" * 10, "half"], ids=["empty", "garbage", "truncated"])
+def test_unreadable_weights_file_is_named(run_dir, tmp_path, capsys, content):
+    evaluate = _load_script()
+    weights = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
+    if content == "half":
+        torch.save({"w": torch.zeros(1000)}, weights)
+        content = weights.read_bytes()[:len(weights.read_bytes()) // 2]
+    weights.write_bytes(content)
+    assert evaluate.main([str(run_dir), "--weights", str(weights)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(weights) in err and "download it again" in err
+    assert "Traceback" not in err and not (run_dir / "fid.json").exists()

@@ -37,7 +37,7 @@ def test_paper_parameters():
     assert (blur["name"], blur["kernel_size"], blur["intensity"]) == ("gaussian_blur", 61, 3.0)
     sr = load_task(TASKS / "super_resolution_config.yaml").measurement.operator
     assert sr["scale_factor"] == 8 and list(sr["in_shape"]) == [1, 3, 256, 256]
-    assert load_task(TASKS / "inpainting_freeform_config.yaml").measurement.mask_opt["mask_type"] == "free_form"
+    assert load_task(TASKS / "inpainting_freeform_config.yaml").measurement.mask_opt["mask_type"] == "freeform"
     for path in ALL_TASKS:
         noise = load_task(path).measurement.noise
         assert noise == {"name": "gaussian", "sigma": 0.01}, path
@@ -101,7 +101,7 @@ def test_bad_configs_name_the_key(tmp_path):
         load_task(tmp_path / "missing.yaml")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_task(write("measurement: [unclosed\n"))
-    with pytest.raises(ConfigError, match="'measurement'"):
+    with pytest.raises(ConfigError, match="'measurement'.*operator: {name: .*noise: {name: gaussian"):
         load_task(write("data: {root: x}\n"))
     with pytest.raises(ConfigError, match=r"'measurement\.noise'"):
         load_task(write("measurement: {operator: {name: gaussian_blur}}\n"))
@@ -109,5 +109,15 @@ def test_bad_configs_name_the_key(tmp_path):
         load_task(write("measurement: {operator: {name: inpainting}, noise: {name: gaussian, sigma: 0.1}}\n"))
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['colour'\]"):
         load_task(write("data: {colour: red}\nmeasurement: {operator: {name: noise}, noise: {name: clean}}\n"))
+    ok = "measurement: {operator: {name: noise}, noise: {name: gaussian, sigma: 0.1}}\n"
+    for bad, key in (("data: {root: 5}\n", "data.root"), ("data: {batch_size: 0}\n", "data.batch_size"),
+                     ("data: {image_size: abc}\n", "data.image_size"), ("data: {class_label: -1}\n", "data.class_label"),
+                     ("model: {config: 3}\n", "model.config"), ("conditioning: {method: 3}\n", "conditioning.method"),
+                     ("sampler: [1, 2]\n", "'sampler'")):
+        with pytest.raises(ConfigError, match=key):
+            load_task(write(bad + ok))
+    for sigma in ("abc", "0", "-1", ".nan", "true"):
+        with pytest.raises(ConfigError, match=r"measurement\.noise\.sigma must be a number > 0.*clean"):
+            load_task(write(ok.replace("0.1", sigma)))
     with pytest.raises(ConfigError, match="top-level"):
         load_task(write("mesurement: {}\nmeasurement: {operator: {name: noise}, noise: {name: clean}}\n"))

@@ -131,6 +131,9 @@ def resolve_method(args, task, log):
                               f"measurement.noise.sigma=0.001, or set sampler.sigma_y")
         values["sigma_y"], where["sigma_y"] = float(sigma), "measurement.noise.sigma"
     check_types(METHODS[name].config_cls, values, where, who=f"method {name!r}")
+    if "s" in values and not 0 <= values["s"] <= 1000:
+        raise ConfigError(f"{where['s']} must be a timestep in [0, 1000] (the proposal switches at t <= s; "
+                          f"the chain runs t = 999 -> 0), got {values['s']}")
     return get_method(name, dataset=task.data.name, **values)
 
 
@@ -139,6 +142,21 @@ def resolve_path(path: str | Path | None) -> Path | None:
     from ldm.checkpoint import resolve_path as resolve
 
     return None if path is None else resolve(path)
+
+
+def check_flags(args) -> None:
+    """Range checks of the flags that are not method settings (those are checked by resolve_method)."""
+    from util.config import ConfigError
+
+    for flag, value in (("--ddim_eta", args.ddim_eta), ("--ddim_scale", args.ddim_scale)):
+        if value != 1.0:
+            raise ConfigError(f"{flag} {value} is not supported: LD-SMC (here and in the authors' code) "
+                              f"runs with {flag} 1.0")
+    for flag, value, low in (("--batch_size", args.batch_size, 1), ("--max_images", args.max_images, 1),
+                             ("--threads", args.threads, 1), ("--seed", args.seed, 0)):
+        if value is not None and value < low:
+            raise ConfigError(f"{flag} must be >= {low}, got {value}"
+                              + (" (leave it out for torch's choice)" if flag == "--threads" else ""))
 
 
 def select_device(args):
@@ -154,8 +172,22 @@ def select_device(args):
             raise ConfigError(f"--device {args.device!r} is not a torch device ({e})") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"--device {args.device} asked for CUDA, but torch sees no CUDA device: use --device cpu")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {args.device}: there are only {torch.cuda.device_count()} CUDA device(s)")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise ConfigError(f"--device {args.device}: this torch build sees no MPS device (Apple GPUs only): "
+                              f"use --device cpu")
+        if device.type not in ("cpu", "cuda", "mps"):
+            try:
+                torch.empty(1, device=device)
+            except Exception as e:  # noqa: BLE001 - any backend's failure means the same to the user
+                raise ConfigError(f"--device {args.device}: torch cannot use it here ({type(e).__name__}): "
+                                  f"use --device cpu") from None
         return device
-    gpu = args.gpu if args.gpu is not None else int(os.environ.get("LOCAL_RANK", 0))
+    local_rank = os.environ.get("LOCAL_RANK", "0")
+    if args.gpu is None and not local_rank.isdigit():
+        raise ConfigError(f"LOCAL_RANK={local_rank!r} must be an integer >= 0 (as torchrun sets it)")
+    gpu = args.gpu if args.gpu is not None else int(local_rank)
     if gpu >= 0 and torch.cuda.is_available():
         if gpu >= torch.cuda.device_count():
             raise ConfigError(f"--gpu {gpu}: there are only {torch.cuda.device_count()} CUDA device(s)")
@@ -173,7 +205,21 @@ def shard_of(text: str | None, env=os.environ) -> tuple[int, int]:
     from util.config import ConfigError
 
     if text is None:
-        return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1))
+        rank, world = env.get("RANK"), env.get("WORLD_SIZE")
+        if rank is None and world is None:
+            return 0, 1
+        if rank is None or world is None:
+            missing = "WORLD_SIZE" if world is None else "RANK"
+            raise ConfigError(f"{'RANK' if rank is not None else 'WORLD_SIZE'} is set but {missing} is not: "
+                              f"torchrun sets both; set both (or neither), or use --shard K/N")
+        try:
+            k, n = int(rank), int(world)
+        except ValueError:
+            raise ConfigError(f"RANK={rank!r} and WORLD_SIZE={world!r} must be integers (as torchrun sets them)") \
+                from None
+        if not (n >= 1 and 0 <= k < n):
+            raise ConfigError(f"RANK={k} WORLD_SIZE={n}: need WORLD_SIZE >= 1 and 0 <= RANK < WORLD_SIZE")
+        return k, n
     try:
         k, n = (int(v) for v in text.split("/"))
     except ValueError:

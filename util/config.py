@@ -135,12 +135,40 @@ def default_task_name(measurement: Mapping) -> str:
 _TOP_KEYS = {"name", "conditioning", "data", "measurement", "model", "sampler"}
 
 
+# What each required section looks like, for the error that says it is missing.
+_EXAMPLES = {
+    "measurement": "measurement: {operator: {name: gaussian_blur, kernel_size: 61, intensity: 3.0}, "
+                   "noise: {name: gaussian, sigma: 0.01}}",
+    "operator": "operator: {name: gaussian_blur, kernel_size: 61, intensity: 3.0}",
+    "noise": "noise: {name: gaussian, sigma: 0.01}",
+}
+
+
 def _require_mapping(raw: Mapping, key: str, where: str, prefix: str = "") -> dict:
     value = raw.get(key)
     if not isinstance(value, Mapping):
         raise ConfigError(f"{where}: key '{prefix}{key}' is missing or not a mapping (expected e.g. "
-                          f"'{key}: {{name: ...}}')")
+                          f"'{_EXAMPLES.get(key, key + ': {...}')}')")
     return dict(value)
+
+
+def _check_ranges(values: Mapping, rules: Mapping[str, tuple], where: str, prefix: str) -> None:
+    """rules: key -> (lowest allowed value, what to say); None values pass (they mean 'default')."""
+    for key, (low, hint) in rules.items():
+        v = values.get(key)
+        if v is not None and not v >= low:
+            raise ConfigError(f"{where}: {prefix}{key} must be {hint}, got {v!r}")
+
+
+def _check_noise(noise: Mapping, where: str) -> None:
+    """Noise parameters are finite numbers > 0 (gaussian sigma, poisson rate); 'clean' is the noiseless model."""
+    for key in ("sigma", "rate"):
+        if key not in noise:
+            continue
+        v = noise[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not v > 0:
+            raise ConfigError(f"{where}: measurement.noise.{key} must be a number > 0, got {v!r} (for "
+                              f"noiseless measurements use measurement.noise.name=clean)")
 
 
 def task_from_dict(raw: Mapping, where: str = "task config", sampler_fields: Iterable[str] | None = None
@@ -158,7 +186,8 @@ def task_from_dict(raw: Mapping, where: str = "task config", sampler_fields: Ite
     noise = _require_mapping(meas, "noise", where, "measurement.")
     for sect, d in (("operator", operator), ("noise", noise)):
         if not isinstance(d.get("name"), str):
-            raise ConfigError(f"{where}: key 'measurement.{sect}.name' is missing (e.g. 'name: gaussian')")
+            raise ConfigError(f"{where}: key 'measurement.{sect}.name' is missing (e.g. '{_EXAMPLES[sect]}')")
+    _check_noise(noise, where)
     mask_opt = meas.get("mask_opt")
     if operator["name"] == "inpainting" and not isinstance(mask_opt, Mapping):
         raise ConfigError(f"{where}: inpainting needs 'measurement.mask_opt' (e.g. mask_type: box)")
@@ -171,15 +200,31 @@ def task_from_dict(raw: Mapping, where: str = "task config", sampler_fields: Ite
     data_raw = raw.get("data") or {}
     if not isinstance(data_raw, Mapping):
         raise ConfigError(f"{where}: key 'data' must be a mapping (e.g. 'data: {{root: path/to/images}}')")
-    data = _dataclass_from(DataConfig, data_raw, f"{where}: data")
-    model = _dataclass_from(ModelRef, raw.get("model") or {}, f"{where}: model")
-    sampler = dict(raw.get("sampler") or {})
+    data = _dataclass_from(DataConfig, data_raw, where, "data")
+    _check_ranges(dataclasses.asdict(data), {"image_size": (1, "an integer >= 1 (pixels)"),
+                                             "batch_size": (1, "an integer >= 1"),
+                                             "max_images": (1, "an integer >= 1, or null for all"),
+                                             "class_label": (0, "a class index >= 0")}, where, "data.")
+    model_raw = raw.get("model") or {}
+    if not isinstance(model_raw, Mapping):
+        raise ConfigError(f"{where}: key 'model' must be a mapping (e.g. 'model: {{config: configs/models/demo.yaml}}')")
+    model = _dataclass_from(ModelRef, model_raw, where, "model")
+    sampler = raw.get("sampler") or {}
+    if not isinstance(sampler, Mapping):
+        raise ConfigError(f"{where}: key 'sampler' must be a mapping (e.g. 'sampler: {{num_particles: 5}}')")
+    sampler = dict(sampler)
     if sampler_fields is not None:
         bad = set(sampler) - set(sampler_fields)
         if bad:
             raise ConfigError(f"{where}: unknown key(s) {sorted('sampler.' + k for k in bad)}; "
                               f"allowed: {sorted(sampler_fields)}")
-    conditioning = dict(raw.get("conditioning") or {"main_sampler": "LD-SMC"})
+    conditioning = raw.get("conditioning") or {"main_sampler": "LD-SMC"}
+    if not isinstance(conditioning, Mapping):
+        raise ConfigError(f"{where}: key 'conditioning' must be a mapping (e.g. 'conditioning: {{method: ld_smc}}')")
+    conditioning = dict(conditioning)
+    if conditioning.get("method") is not None and not isinstance(conditioning["method"], str):
+        raise ConfigError(f"{where}: conditioning.method must be a method name such as ld_smc, "
+                          f"got {conditioning['method']!r}")
     name = raw.get("name") or default_task_name(raw["measurement"])
     if not isinstance(name, str) or "/" in name or name in ("", ".", ".."):
         raise ConfigError(f"{where}: key 'name' must be a plain folder name, got {name!r}")
@@ -187,11 +232,13 @@ def task_from_dict(raw: Mapping, where: str = "task config", sampler_fields: Ite
                       model=model, sampler=sampler)
 
 
-def _dataclass_from(cls, raw: Mapping, where: str):
+def _dataclass_from(cls, raw: Mapping, where: str, section: str):
+    """`cls(**raw)` after checking the keys and the value types, naming `section.key` on error."""
     names = {f.name for f in dataclasses.fields(cls)}
     bad = set(raw) - names
     if bad:
-        raise ConfigError(f"{where}: unknown key(s) {sorted(bad)}; allowed: {sorted(names)}")
+        raise ConfigError(f"{where}: {section}: unknown key(s) {sorted(bad)}; allowed: {sorted(names)}")
+    check_types(cls, raw, {k: f"{where}: {section}.{k}" for k in raw})
     return cls(**raw)
 
 
@@ -227,7 +274,7 @@ def check_types(cls, values: Mapping[str, Any], where: Mapping[str, str], who: s
     """Check `values` against the field types of dataclass `cls`; numbers must be finite.
 
     `where[key]` names where a value came from (a flag, `sampler.KEY`), so the error says
-    what to fix, e.g. "sampler.kappa1: expected a number, got 'abc'".
+    what to fix, e.g. "sampler.kappa1 must be a number, got 'abc'".
     """
     try:
         hints = typing.get_type_hints(cls)
@@ -236,11 +283,11 @@ def check_types(cls, values: Mapping[str, Any], where: Mapping[str, str], who: s
     for key, value in values.items():
         hint = hints.get(key)
         name = where.get(key, key)
+        whose = f" ({who} setting {key})" if who else ""
         if hint is not None and not _matches(value, hint):
-            raise ConfigError(f"{name}: {who + ' setting ' if who else ''}{key} must be {_hint_name(hint)}, "
-                              f"got {value!r}")
+            raise ConfigError(f"{name} must be {_hint_name(hint)}{whose}, got {value!r}")
         if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"{name}: {key} must be a finite number, got {value}")
+            raise ConfigError(f"{name} must be a finite number{whose}, got {value}")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

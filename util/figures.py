@@ -66,3 +66,34 @@ def measurement_images(y: torch.Tensor, operator_name: str) -> np.ndarray | None
         hi = mag.flatten(1).max(1).values.view(-1, 1, 1, 1)
         return to_uint8((mag - lo) / (hi - lo).clamp(min=1e-12), value_range=(0.0, 1.0))
     return to_uint8(y)
+
+
+
+def baseline(x: torch.Tensor, y: torch.Tensor, operator_name: str):
+    """The simple reference a reconstruction is compared with: (name, image [B, C, H, W] in [-1, 1]) or (None, None).
+
+    Where y is an image of x's shape (inpainting: the masked input; deblurring: the blurred
+    input): y itself, "measurement". Super-resolution: bicubic upsampling of y to x's size
+    (the usual baseline of SR papers), "bicubic". Phase retrieval: none (see `baseline_note`).
+    """
+    import torch.nn.functional as F
+
+    if operator_name == "super_resolution" and y.dim() == 4 and y.shape[:2] == x.shape[:2]:
+        return "bicubic", F.interpolate(y, size=tuple(x.shape[-2:]), mode="bicubic", align_corners=False).clamp(-1, 1)
+    if operator_name != "phase_retrieval" and y.shape == x.shape:
+        return "measurement", y.clamp(-1, 1)
+    return None, None
+
+
+def baseline_note(name: str | None, operator_name: str) -> str:
+    """What the baseline `name` of `baseline` is, or why a task has none."""
+    if name == "measurement":
+        return "baseline: the measurement y (the masked or blurred input)"
+    if name == "bicubic":
+        return "baseline: bicubic upsampling of y to the image size"
+    if operator_name == "phase_retrieval":
+        # A zero-phase (or any other) image made from |F x| alone measures an arbitrary choice:
+        # every shift or flip of x, and many other images, have the same Fourier magnitude.
+        return ("no baseline for phase retrieval: y is a Fourier magnitude, which every shift or flip of x "
+                "also fits, so no image made from y alone is a meaningful reference")
+    return f"no baseline: the measurement of {operator_name} is not an image of the ground truth's size"
