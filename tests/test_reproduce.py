@@ -305,3 +305,20 @@ def test_fid_is_computed_once_where_its_weights_are(resumed_grid, tmp_path, monk
     rows = read_csv(root / "table.csv")
     assert {r["fid"] for r in rows} == {"12.5"} and {r["fid_images"] for r in rows} == {"4"}
     assert "12.50 (n=4)" in (root / "table.md").read_text()
+
+
+def test_srun_variables_make_a_process_group(resumed_grid, tmp_path):
+    """Under srun (SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID, no torchrun variables) the processes
+    meet at MASTER_ADDR:MASTER_PORT (defaults: the launching node, a port from the job id)."""
+    root = tmp_path / "run"
+    shutil.copytree(resumed_grid.root, root)
+    env = {k: v for k, v in resumed_grid.env.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK",
+                                                                   "MASTER_ADDR", "MASTER_PORT")}
+    env.update(SLURM_NTASKS="2", SLURM_JOB_ID=str(30000 + os.getpid() % 10000), SLURM_LAUNCH_NODE_IPADDR="127.0.0.1")
+    procs = [subprocess.Popen([sys.executable, str(SCRIPT), *CELL_ARGS, "--save_dir", str(root), *FAST], cwd=ROOT,
+                              env=dict(env, SLURM_PROCID=str(r), SLURM_LOCALID=str(r)), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert "tables:" in outs[0] and "tables:" not in outs[1]  # rank 0 writes them
+    assert "2 process(es) (srun)" in (root / "table.md").read_text()

@@ -104,15 +104,24 @@ class Progress:
         """Follow cell k's records while it runs (a thread polls the records folder)."""
         stop = threading.Event()
         seen = len(cell.done(mine))
+        live = self.bar.fp.isatty() if hasattr(self.bar.fp, "isatty") else False
+
+        def show(now: int) -> None:
+            self.bar.set_description_str(f"rank {self.ranks.rank} cell {k + 1}/{len(self.plan)} {cell.label} "
+                                         f"{now}/{len(mine)}", refresh=False)
 
         def poll():
             nonlocal seen
+            show(seen)
+            self.bar.refresh()
             while True:
                 now = len(cell.done(mine))
-                self.bar.set_description_str(f"rank {self.ranks.rank} cell {k + 1}/{len(self.plan)} "
-                                             f"{cell.label} {now}/{len(mine)}", refresh=False)
-                self.bar.update(now - seen)
-                seen = now
+                if now != seen:
+                    show(now)
+                    self.bar.update(now - seen)
+                    seen = now
+                elif live:  # a terminal: keep the clock running; a log file gets a line per change only
+                    self.bar.refresh()
                 if stop.wait(1.0) and seen == len(cell.done(mine)):
                     return
 
