@@ -238,9 +238,10 @@ def run(args) -> int:
         return 1 if tables(args, grid, cells, missing_methods, device, context) else 0
 
     runnable = [c for c in cells if c.entry.name not in missing_methods]
-    absent = [c.label for c in runnable if c.expected is None]
+    absent = [c for c in runnable if c.expected is None]
     if absent:
-        raise GridError(f"the data folder of {absent[0]} is missing (set data.root=...)")
+        raise GridError(f"task {absent[0].task}: its image folder {absent[0].data_root} does not exist or holds no "
+                        f"images; give yours with data.root=path/to/images")
     group = Group(ranks, device, args.barrier_timeout_h)
     try:
         if ranks.rank == 0:

@@ -195,6 +195,7 @@ class Cell:
     save_dir: Path            # the CLI's --save_dir: DIR/<entry>
     overrides: tuple          # dotted overrides for the CLI (task ones, then the entry's sampler ones)
     expected: int | None      # images the cell should hold (None: the data folder is not here)
+    data_root: str = ""       # the task's data.root, as resolved
 
     @property
     def dir(self) -> Path:
@@ -220,20 +221,21 @@ class Cell:
                 *flags, *self.overrides]
 
 
-def task_facts(config: str, task_overrides: Iterable[str], max_images: int | None) -> tuple[str, int | None]:
-    """(the task's name, how many images it restores: min(max_images, images in data.root)); None when
-    the data folder is missing."""
+def task_facts(config: str, task_overrides: Iterable[str], max_images: int | None) -> tuple[str, int | None, str]:
+    """(the task's name, how many images it restores: min(max_images, images in data.root), or None when
+    the data folder is missing, and that folder)."""
     from util.cli import resolve_path
     from util.config import load_task
     from util.images import list_images
 
     task = load_task(resolve_path(config), list(task_overrides))
     limit = max_images if max_images is not None else task.data.max_images
+    root = resolve_path(task.data.root)
     try:
-        n = len(list_images(resolve_path(task.data.root)))
+        n = len(list_images(root))
     except FileNotFoundError:
-        return task.name, None
-    return task.name, n if limit is None else min(int(limit), n)
+        return task.name, None, str(root)
+    return task.name, n if limit is None else min(int(limit), n), str(root)
 
 
 def build_cells(grid: Grid, save_dir: str | Path, overrides: Iterable[str] = (),
@@ -244,13 +246,13 @@ def build_cells(grid: Grid, save_dir: str | Path, overrides: Iterable[str] = (),
     limit = max_images if max_images is not None else grid.max_images
     facts = {}
     for key, config in grid.tasks.items():
-        name, expected = task_facts(config, task_ov, limit)
+        name, expected, root = task_facts(config, task_ov, limit)
         if name != key:
             raise GridError(f"{grid.path}: tasks.{key} points to {config}, whose name is {name!r}: use the task's "
                             f"name as the key (it is the output folder)")
-        facts[key] = expected
+        facts[key] = expected, root
     return [Cell(entry=e, task=t, task_config=grid.tasks[t], save_dir=Path(save_dir) / e.name,
-                 overrides=(*task_ov, *per_entry[e.name]), expected=facts[t])
+                 overrides=(*task_ov, *per_entry[e.name]), expected=facts[t][0], data_root=facts[t][1])
             for e in grid.entries.values() for t in grid.tasks]
 
 
