@@ -286,12 +286,13 @@ def _smc_iteration(model, operator, y0, ys, cfg, chain: Chain, draws, cond, call
 
         # 3. Weight: l(y_t|z_t) + lbar(y0|z_t) - lbar(y0|z_t+1) + log p(z_t|z_t+1) - log pi(z_t|z_t+1).
         new = level(z_new, i + 1) if i + 1 < L - 1 else last_level(z_new)
+        # log p(z_t | z_t+1) = N(mu_theta(z_t+1), sigma^2) of the step that proposed z_t; the
+        # release (log_prior_new_moments) takes the moments computed at z_t itself.
+        prior_mu, prior_sigma = (new.mu, sigmas[i + 1]) if cfg.log_prior_new_moments else (cur.mu, sigma)
         incr = new.lbar - cur.lbar
         log_p = log_pi = l_y = None
         if weigh:
-            # log_prior_new_moments (the release): the moments computed at z_t itself.
-            log_p = (dens.gauss(z_new, new.mu, sigmas[i + 1] ** 2) if cfg.log_prior_new_moments
-                     else dens.gauss(z_new, cur.mu, sigma ** 2))
+            log_p = dens.gauss(z_new, prior_mu, prior_sigma ** 2)
             log_pi = dens.gauss(z_new, m_pi, sigma ** 2)
             incr = incr + log_p - log_pi
             if cfg.aux_observations or i + 1 == L - 1:
@@ -300,7 +301,7 @@ def _smc_iteration(model, operator, y0, ys, cfg, chain: Chain, draws, cond, call
         log_w_new = log_w + incr.view(B, N)
         emit("transition", gibbs_iter=gibbs_iter, step=i, t=chain.t[i + 1], a=chain.a[i + 1], resampled=do,
              ancestors=a, log_w_prev=log_w, lbar_prev=cur.lbar, g2=g2, g2_norm=g2_norm, m_pi=m_pi,
-             sigma=sigma, level=new, sigma_prior=sigmas[i + 1] if cfg.log_prior_new_moments else sigma,
+             sigma=sigma, level=new, sigma_prior=prior_sigma,
              l_aux=l_y, log_prior=log_p, log_pi=log_pi, log_w=log_w_new,
              y_var=dens.aux_var(chain.a[i + 1]), twist_var=dens.twist_var(chain.a[i + 1]))
         check_finite(log_w_new, z_new, i, chain.t[i + 1])

@@ -6,7 +6,7 @@ import torch
 import ldm
 from guided_diffusion import measurements
 from ldm_compact import COMPACT_LDM_CKPT, single_thread, compact_ldm_config  # noqa: F401 (autouse fixture)
-from smc import LDSMCConfig, ld_smc_sample, num_transitions
+from smc import LDSMCConfig, NonFiniteWeightsError, ld_smc_sample, num_transitions
 from smc.counting import CountingModel
 
 pytestmark = pytest.mark.slow   # a few seconds per transition on a busy 2-core CPU
@@ -76,3 +76,18 @@ def test_image_result_independent_of_batch(model):
     one = ld_smc_sample(model, op, y[1:], cfg, generator=[torch.Generator().manual_seed(5)])
     assert torch.allclose(both.x0[1], one.x0[0], atol=1e-4)
     assert torch.equal(both.ancestors[:, 1], one.ancestors[:, 0])
+
+
+def test_corrupted_checkpoint_is_named_not_a_multinomial_error(model):
+    """A UNet weight turned NaN (as corrupted checkpoint bytes do) stops the run with
+    NonFiniteWeightsError naming the image row and the timestep, before any resampling."""
+    import copy
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        next(broken.unet.parameters()).view(-1)[0] = float("nan")
+    op = measurements.get_operator("super_resolution", in_shape=(1, 3, 64, 64), scale_factor=4, device="cpu")
+    y = op(torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1)
+    cfg = LDSMCConfig(num_particles=2, num_steps=3, xhat_max_iters=2, refine=False)
+    with pytest.raises(NonFiniteWeightsError, match="image row 0 at the start .*corrupted checkpoint") as info:
+        ld_smc_sample(broken, op, y, cfg, generator=torch.Generator().manual_seed(1))
+    assert (info.value.image, info.value.step, info.value.t) == (0, None, 1000)
