@@ -15,12 +15,16 @@ The method (`guided_diffusion.methods`): --method, else the task's conditioning.
 ld_smc. Its settings, later wins: its YAML defaults (configs/methods/<name>.yaml) < the task's
 `sampler:` section (keys it does not have are skipped) < the flags given (see
 util/cli.resolve_method). Outputs go to <save_dir>/<method>/<task>/.
-Every image i gets its own torch.Generator seeded from (seed, i), used for its mask, its
-measurement noise and its sampler draws, so a result does not depend on the batch it ran
-in, and a rerun resumes where the last one stopped (see util/outputs.py for the tree).
+Protocol `per_image` (ours, the default): every image i gets its own torch.Generators seeded
+from (seed, i), used for its mask, its measurement noise and its sampler draws, so a result
+does not depend on the batch it ran in. Protocol `release` (the paper's task configs, or
+--protocol release): as the authors' release, which re-seeds before every image, every image
+uses the generators of index 0 (same mask, same noise draw, same starting particles). A
+rerun resumes where the last one stopped (see util/outputs.py for the tree).
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -85,7 +89,8 @@ class Restorer:
                 raise ConfigError(f"task {task_path}: {key} is {value}, but the model {ldm_config} makes "
                                   f"{size}x{size} images: use a task made for this model, or set {key}={size}")
         try:
-            self.dataset = get_dataset(task.data.name, resolve(task.data.root), image_size=size)
+            self.dataset = get_dataset(task.data.name, resolve(task.data.root), image_size=size,
+                                       resize=task.data.resize)
         except (FileNotFoundError, NotADirectoryError) as e:
             raise ConfigError(f"data.root: {e}; set data.root=path/to/images (on the command line, or in the "
                               f"task's data: section)") from None
@@ -115,11 +120,16 @@ class Restorer:
             self.log.info(f"LPIPS unavailable: {e}")
             return None, f"unavailable: {e}"
 
+    def draw_index(self, i: int) -> int:
+        """Whose generators image i uses: its own (per_image), or image 0's for all (release, see util/config.py)."""
+        return 0 if self.task.protocol == "release" else i
+
     def settings(self) -> dict:
         """What determines the results (a resumed run must match it); batch size and image count do not."""
         task = self.task.to_dict()
         task["data"] = {k: v for k, v in task["data"].items() if k not in ("batch_size", "max_images")}
-        return {"task": task, "method": self.method.name, "sampler": self.method.settings(), "seed": self.seed,
+        return {"task": task, "protocol": self.task.protocol, "method": self.method.name,
+                "sampler": self.method.settings(), "seed": self.seed,
                 "model_config": str(self.ldm_config.resolve()),
                 "checkpoint": str(self.ckpt.resolve()) if self.ckpt else None}
 
@@ -138,10 +148,11 @@ class Restorer:
             raise ConfigError(str(e)) from None
         names = [item[2] for item in items]
         x = torch.stack([item[1] for item in items]).to(self.device)
-        gens = [generator_for_index(self.seed, i, "sample", device=self.device) for i in indices]
+        draws = [self.draw_index(i) for i in indices]
+        gens = [generator_for_index(self.seed, d, "sample", device=self.device) for d in draws]
         mask = None
         if self.masks is not None:
-            mask = torch.stack([mask_for_index(self.masks, self.seed, i, device=self.device) for i in indices])
+            mask = torch.stack([mask_for_index(self.masks, self.seed, d, device=self.device) for d in draws])
             self.operator.set_mask(mask)
         with torch.no_grad():
             y = self.noise(self.operator(x), generator=gens)
@@ -248,7 +259,7 @@ class Restorer:
         summary = {
             "task": self.task.name, "task_config": str(self.task_path), "images": len(records),
             "comparison": comparison(stats, len(records), base, baseline_note(base, self.operator_name)),
-            "metrics": stats, "lpips": self.lpips_note, "method": self.method.name,
+            "metrics": stats, "lpips": self.lpips_note, "protocol": self.task.protocol, "method": self.method.name,
             "preset": settings.get("preset"), "sampler": settings, "config": self.settings(),
             "version": package_version(), "git_commit": self.git_commit, "device": str(self.device),
             "torch": torch.__version__,
@@ -273,6 +284,8 @@ def run(args) -> dict:
         torch.set_num_threads(args.threads)
     task_path = resolve_path(args.task_config)
     task = load_task(task_path, args.overrides, sampler_fields=sorted(method_fields()))
+    if args.protocol is not None:
+        task = dataclasses.replace(task, protocol=args.protocol)
     method = resolve_method(args, task, log)
     device = select_device(args)
     shard, n_shards = shard_of(args.shard)
@@ -300,7 +313,8 @@ def run(args) -> dict:
     shown = ", ".join(f"{k} {v}" for k, v in method.settings().items()
                       if k in ("preset", "num_particles", "num_steps"))
     log.info(f"task {task.name}: {n_total} images{where}, {len(mine) - len(todo)} already done; model "
-             f"{restorer.ldm_config}; device {device}; method {method.name} ({shown}); outputs in {tree.root}")
+             f"{restorer.ldm_config}; device {device}; method {method.name} ({shown}); protocol {task.protocol}, "
+             f"resize {task.data.resize}; outputs in {tree.root}")
     batch_size = args.batch_size or task.data.batch_size
     with tqdm(total=len(todo), desc="images", unit="img", dynamic_ncols=True) as bar:
         for start in range(0, len(todo), batch_size):

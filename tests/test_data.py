@@ -120,3 +120,22 @@ def test_decompression_bomb_is_refused_naming_the_file(tmp_path, monkeypatch):
     _write(tmp_path / "big.png", np.zeros((8, 8), dtype=np.uint8))
     with pytest.raises(ValueError, match=r"big\.png.*Downscale"):
         load_image(tmp_path / "big.png")
+
+
+@pytest.mark.parametrize("shape", [(300, 400), (57, 100), (256, 256), (20, 33)])
+def test_release_resize_is_torchvision_resize_and_centre_crop(tmp_path, shape):
+    """data.resize: release reads an image exactly as the authors' transforms.Compose([Resize(S),
+    CenterCrop(S), ToTensor(), Normalize((0.5,) * 3, (0.5,) * 3)]) does."""
+    from torchvision import transforms
+
+    rng = np.random.default_rng(shape[0])
+    path = _write(tmp_path / "x.png", rng.integers(0, 256, (*shape, 3), dtype=np.uint8))
+    size = 32
+    theirs = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size), transforms.ToTensor(),
+                                 transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])(Image.open(path).convert("RGB"))
+    ours = ImageFolderDataset(tmp_path, image_size=size, resize="release")[0][1]
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
+    bicubic = ImageFolderDataset(tmp_path, image_size=size)[0][1]  # ours differs where there is resampling
+    assert bicubic.shape == ours.shape
+    if shape != (size, size) and min(shape) != size:
+        assert (bicubic - ours).abs().max() > 0.01

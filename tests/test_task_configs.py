@@ -43,6 +43,27 @@ def test_paper_parameters():
         assert noise == {"name": "gaussian", "sigma": 0.01}, path
 
 
+def test_protocol_and_resize_of_each_task():
+    """The paper's four tasks (FFHQ and ImageNet) run the release's protocol and resize; the DPS extras and the
+    demo tasks ours."""
+    paper = {"inpainting_config.yaml", "inpainting_freeform_config.yaml", "gaussian_deblur_config.yaml",
+             "super_resolution_config.yaml"}
+    for path in ALL_TASKS:
+        task = load_task(path)
+        release = path.name in paper and path.parent.name != "demo"
+        assert task.protocol == ("release" if release else "per_image"), path
+        assert task.data.resize == ("release" if release else "bicubic"), path
+        if path.name != "motion_deblur_config.yaml" or path.parent.name != "demo":
+            text = path.read_text()
+            assert "protocol:" in text and "resize:" in text, f"{path} should state its protocol and resize"
+    task = load_task(TASKS / "inpainting_config.yaml", ["protocol=per_image", "data.resize=bicubic"])
+    assert (task.protocol, task.data.resize) == ("per_image", "bicubic")
+    with pytest.raises(ConfigError, match="protocol must be one of per_image, release"):
+        load_task(TASKS / "inpainting_config.yaml", ["protocol=same"])
+    with pytest.raises(ConfigError, match="data.resize must be one of bicubic, release"):
+        load_task(TASKS / "inpainting_config.yaml", ["data.resize=nearest"])
+
+
 def test_python_tuple_tag_is_read_safely(tmp_path):
     raw = load_yaml(TASKS / "inpainting_config.yaml")
     assert raw["measurement"]["mask_opt"]["mask_len_range"] == (128, 129)

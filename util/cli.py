@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
                         f"conditioning.method, else {DEFAULT_METHOD}")
     o.add_argument("--preset", choices=("reference", "exact"), default=None,
                    help="'reference' reproduces the authors' code (default), 'exact' the model the paper's analysis assumes")
+    o.add_argument("--protocol", choices=("per_image", "release"), default=None,
+                   help="per_image: image i draws its mask, noise and sampler randomness from generators seeded by "
+                        "(seed, i); release: every image the same draws, as the authors' release (default: the "
+                        "task's protocol, else per_image)")
     o.add_argument("--batch_size", type=int, default=None, help="images sampled together (default: data.batch_size)")
     o.add_argument("--device", default=None, help="torch device (cpu, cuda, cuda:1, mps); wins over --gpu")
     o.add_argument("--max_images", type=int, default=None, help="restore only the first this many images")

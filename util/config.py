@@ -9,11 +9,12 @@ A task YAML has the DPS / LD-SMC layout::
       mask_opt: {mask_type: box, mask_len_range: !!python/tuple [128, 129], image_size: 256}
       noise: {name: gaussian, sigma: 0.01}
 
-and may add three sections of ours: `name` (the output folder; default: the operator name,
-plus `_<mask_type>` for inpainting, as the authors name it), `model` (`config` and `ckpt`:
-which model the task is meant for; the CLI flags `--ldm_config` / `--diffusion_config`
-win over them) and `sampler` (defaults for the sampler's configuration fields, which the
-CLI flags override). DPS writes tuples as `!!python/tuple [a, b]`; `load_yaml` reads that
+and may add keys of ours: `name` (the output folder; default: the operator name, plus
+`_<mask_type>` for inpainting, as the authors name it), `model` (`config` and `ckpt`: which
+model the task is meant for; the CLI flags `--ldm_config` / `--diffusion_config` win over
+them), `sampler` (defaults for the method's settings, which the CLI flags override),
+`protocol` (how images draw their randomness, PROTOCOLS below) and `data.resize` (how
+images are brought to the model's size, RESIZE_METHODS). DPS writes tuples as `!!python/tuple [a, b]`; `load_yaml` reads that
 tag as a tuple with a safe loader, never executing Python.
 """
 from __future__ import annotations
@@ -28,6 +29,18 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import yaml
+
+
+# The evaluation protocol: which random draws image i gets.
+#   per_image: image i draws its mask, its measurement noise and its sampler randomness from
+#              generators seeded by (seed, i) (ours; results do not depend on the batch).
+#   release:   as the authors' release, which re-seeds with the same seed before every image:
+#              every image gets the same mask, the same noise draw and the same starting
+#              particles; here every image uses the generators of index 0.
+PROTOCOLS = ("per_image", "release")
+# data.resize: "bicubic" (ours: PIL bicubic + centre crop) or "release" (the authors' torchvision
+# Resize(size) + CenterCrop(size)); see util.images.resize_center_crop.
+RESIZE_METHODS = ("bicubic", "release")
 
 
 class ConfigError(ValueError):
@@ -67,7 +80,8 @@ class DataConfig:
     """Where the images are and how to read them.
 
     `root`: a folder of images (read in sorted filename order). `image_size`: resize and
-    centre-crop to this size (None: the model's image size). `class_label`: one class label
+    centre-crop to this size (None: the model's image size); `resize`: how ("bicubic", ours,
+    or "release", the authors' torchvision Resize + CenterCrop). `class_label`: one class label
     for every image (class-conditional models); `labels_file`: per-image labels instead, a
     text file of `filename label` lines (or `filename,label`). `max_images`: use only the
     first this many images (None: all). `batch_size`: images sampled together (the CLI's
@@ -81,6 +95,7 @@ class DataConfig:
     labels_file: str | None = None
     max_images: int | None = None
     batch_size: int = 1
+    resize: str = "bicubic"
 
 
 @dataclass
@@ -110,6 +125,7 @@ class TaskConfig:
     measurement: MeasurementConfig
     model: ModelRef = field(default_factory=ModelRef)
     sampler: dict = field(default_factory=dict)
+    protocol: str = "per_image"
 
     def to_dict(self) -> dict:
         """The resolved config as plain data (tuples become lists), for summary.json."""
@@ -132,7 +148,7 @@ def default_task_name(measurement: Mapping) -> str:
     return op
 
 
-_TOP_KEYS = {"name", "conditioning", "data", "measurement", "model", "sampler"}
+_TOP_KEYS = {"name", "conditioning", "data", "measurement", "model", "sampler", "protocol"}
 
 
 # What each required section looks like, for the error that says it is missing.
@@ -205,6 +221,14 @@ def task_from_dict(raw: Mapping, where: str = "task config", sampler_fields: Ite
                                              "batch_size": (1, "an integer >= 1"),
                                              "max_images": (1, "an integer >= 1, or null for all"),
                                              "class_label": (0, "a class index >= 0")}, where, "data.")
+    if data.resize not in RESIZE_METHODS:
+        raise ConfigError(f"{where}: data.resize must be one of {', '.join(RESIZE_METHODS)} (bicubic: ours; "
+                          f"release: the authors' torchvision Resize + CenterCrop), got {data.resize!r}")
+    protocol = raw.get("protocol") or "per_image"
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"{where}: protocol must be one of {', '.join(PROTOCOLS)} (per_image: image i draws "
+                          f"from generators seeded by (seed, i); release: every image the same draws, as the "
+                          f"authors' release), got {protocol!r}")
     model_raw = raw.get("model") or {}
     if not isinstance(model_raw, Mapping):
         raise ConfigError(f"{where}: key 'model' must be a mapping (e.g. 'model: {{config: configs/models/demo.yaml}}')")
@@ -229,7 +253,7 @@ def task_from_dict(raw: Mapping, where: str = "task config", sampler_fields: Ite
     if not isinstance(name, str) or "/" in name or name in ("", ".", ".."):
         raise ConfigError(f"{where}: key 'name' must be a plain folder name, got {name!r}")
     return TaskConfig(name=name, conditioning=conditioning, data=data, measurement=measurement,
-                      model=model, sampler=sampler)
+                      model=model, sampler=sampler, protocol=protocol)
 
 
 def _dataclass_from(cls, raw: Mapping, where: str, section: str):
