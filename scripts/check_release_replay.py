@@ -241,7 +241,10 @@ def compare_iteration(c: Comparison, tr: Trace, rec: dict, res, j: int, T: int, 
         c.same("transitions.y_index", T - (i + 1), t["y_index"], at(i))
         if not (skip and t["last_step"]):
             c.close("transitions.e_t", ours["level.eps"], t["e_t"], at(i))
-            c.close("transitions.mu", ours["level.mu"], t["mu"], at(i))
+            # the release's moments at z_new are both the next proposal's mean and its log prior's
+            c.close("transitions.mu", ours["level.mu"] if not t["last_step"] else ours["level.mu_prior"],
+                    t["mu"], at(i))
+            c.close("transitions.mu (log prior)", ours["level.mu_prior"], t["mu"], at(i))
             c.close("transitions.bar_z0", ours["level.zbar0"], t["bar_z0"], at(i))
             c.close("transitions.sigma_used", ours["sigma_prior"], t["sigma_used"], at(i))
         if not t["last_step"]:

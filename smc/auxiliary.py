@@ -33,19 +33,18 @@ def heuristic_zhat0(model, operator: Callable, y0: torch.Tensor, draws, cfg, dev
 
 
 @torch.no_grad()
-def heuristic_path(zhat0: torch.Tensor, ts: Sequence[int], abar: torch.Tensor, draws,
-                   num_levels: int) -> torch.Tensor:
+def heuristic_path(zhat0: torch.Tensor, path_a: Sequence[int], abar: torch.Tensor, draws) -> torch.Tensor:
     """The DDIM (eta = 1) forward-posterior path around zhat0 (section 2, step 3).
 
-    z_{t_0} ~ N(0, I); z_t' = sqrt(abar_t') zhat0
-        + sqrt(1 - abar_t' - sigma^2) (z_t - sqrt(abar_t) zhat0) / sqrt(1 - abar_t) + sigma eps,
-    along the schedule ts. Returns its first `num_levels` levels (level i at ts[i]):
-    [num_levels, B, *latent].
+    z ~ N(0, I) at abar_{path_a[0]}; then for each next abar index (t -> t'):
+    z_t' = sqrt(abar_t') zhat0 + sqrt(1 - abar_t' - sigma^2) (z_t - sqrt(abar_t) zhat0) / sqrt(1 - abar_t)
+        + sigma eps. path_a: strictly decreasing abar indices (`Chain.path_a`).
+    Returns [len(path_a), B, *latent].
     """
     z = draws.randn("path", zhat0.shape[1:], zhat0.device, zhat0.dtype)
     path = [z]
-    for i in range(num_levels - 1):
-        a_t, a_n = abar[ts[i]], abar[ts[i + 1]]
+    for a_from, a_to in zip(path_a[:-1], path_a[1:]):
+        a_t, a_n = abar[a_from], abar[a_to]
         sigma, c = ddim_eta1_coeffs(a_t, a_n)
         eps = draws.randn("path", zhat0.shape[1:], zhat0.device, zhat0.dtype)
         z = a_n.sqrt() * zhat0 + c * (z - a_t.sqrt() * zhat0) / (1 - a_t).sqrt() + sigma * eps

@@ -15,7 +15,7 @@ that actually runs, with every switch filled in, and it is what the result recor
 | twist_var_sigma_y      | False        | True   |
 | ess_threshold          | None (every step but the first) | 0.5 |
 | start_at_T             | True         | False  |
-| aux_by_position        | True         | False  |
+| aux_one_step_below        | True         | False  |
 | log_prior_new_moments  | True         | False  |
 | refine_return          | "last"       | "best" |
 | refine_each_gibbs      | True         | False  |
@@ -35,15 +35,15 @@ PRESET = "preset"  # sentinel: "take this switch from the preset"
 PRESETS = {
     "reference": dict(log_density="mean", noisy_aux_obs=False, final_std_sigma_y=False,
                       twist_var_sigma_y=False, ess_threshold=None, start_at_T=True,
-                      aux_by_position=True, log_prior_new_moments=True, refine_return="last",
+                      aux_one_step_below=True, log_prior_new_moments=True, refine_return="last",
                       refine_each_gibbs=True),
     "exact": dict(log_density="sum", noisy_aux_obs=True, final_std_sigma_y=True,
                   twist_var_sigma_y=True, ess_threshold=0.5, start_at_T=False,
-                  aux_by_position=False, log_prior_new_moments=False, refine_return="best",
+                  aux_one_step_below=False, log_prior_new_moments=False, refine_return="best",
                   refine_each_gibbs=False),
 }
 BOOL_SWITCHES = ("noisy_aux_obs", "final_std_sigma_y", "twist_var_sigma_y", "start_at_T",
-                 "aux_by_position", "log_prior_new_moments", "refine_each_gibbs")
+                 "aux_one_step_below", "log_prior_new_moments", "refine_each_gibbs")
 FLOATS = ("kappa1", "kappa2", "rho", "sigma_y", "xhat_lr", "xhat_tol", "refine_lr", "refine_tol")
 INTS = ("num_particles", "s", "num_gibbs_iters", "num_steps", "xhat_max_iters", "refine_max_iters",
         "refine_patience", "decode_chunk")
@@ -93,15 +93,18 @@ class LDSMCConfig:
         release uses sqrt(1-abar_0)).
     twist_var_sigma_y: twisting variance 1 - abar_t + sigma_y^2 (tends to the real
         likelihood; the release: 1 - abar_t).
-    start_at_T: the chain starts one level above t_0 at UNet t = T, outside the trained
-        range, with abar_{t_0}, so its first two transitions share abar_{t_0} (the release's
-        indexing; off: z_T at t_0 = T-1).
-    aux_by_position: Gibbs iteration 0 pairs level m with the m-th heuristic latent (the
-        release; with start_at_T every later level meets the heuristic latent one level
-        below its own); off: the heuristic latent at the level's own abar.
+    start_at_T: the chain starts one level above t_0, at UNet t = T (outside the trained
+        range) with abar_{t_0}, and steps one model step down from there, so its first two
+        transitions share abar_{t_0} (the release's indexing); off: z_T at t_0 = T-1.
+    aux_one_step_below: in Gibbs iteration 0 every level after the first meets the heuristic
+        latent one model step below its own abar (the release's pairing); off: the heuristic
+        latent at the level's own abar.
     log_prior_new_moments: log p(z_t | z_t+1) evaluated with the moments computed at the new
-        z_t (the release's indexing slip; at t = 0: mean zbar0(z_0), the sigma of the step
-        before); off: N(mu_theta(z_t+1), sigma^2) of the step that proposed z_t (the spec).
+        z_t, those of its one-model-step DDIM kernel (the release's indexing slip; at t = 0
+        mean zbar0(z_0) and the sigma of abar_1 -> abar_0); off: N(mu_theta(z_t+1), sigma^2)
+        of the step that proposed z_t (the spec).
+    (The three are one model step off, as in the release's full chain, on any schedule:
+    smc/levels.py.)
     refine_return: "last" (the value after the refinement's last step, as the release
         returns it) or "best" (the iterate with the lowest evaluated loss, z_0 included:
         never worse than z_0).
@@ -128,7 +131,7 @@ class LDSMCConfig:
     final_std_sigma_y: Union[bool, str] = PRESET
     twist_var_sigma_y: Union[bool, str] = PRESET
     start_at_T: Union[bool, str] = PRESET
-    aux_by_position: Union[bool, str] = PRESET
+    aux_one_step_below: Union[bool, str] = PRESET
     log_prior_new_moments: Union[bool, str] = PRESET
     xhat_lr: float = 5e-3
     xhat_max_iters: int = 5000

@@ -5,8 +5,9 @@ b*N + n is particle n of image b). Each image has its own weights, normalisation
 resampling and torch.Generator, so its result does not depend on the batch it ran in.
 
 Indexing (`smc.levels.Chain`): level m has UNet timestep t[m] and abar index a[m];
-transition i goes level i -> level i+1. Without `start_at_T`, t = a = [999 > ... > 0];
-with it (the release), one more level at t = 1000 comes first, with abar_999.
+transition i goes level i -> level i+1 (abar_{a[i]} -> abar_{a_next[i]}). Without
+`start_at_T`, t = a = [999 > ... > 0]; with it (the release), one more level at t = 1000
+comes first, with abar_999.
 """
 from __future__ import annotations
 
@@ -64,8 +65,10 @@ class _Level:
     """The particles of one level and what the transition leaving it needs ([B*N, ...] each).
 
     mu = mu_theta(z) of the step leaving the level; g1 clipped, g1_norm its raw norm;
-    lbar = lbar(y0 | z). At the last level (t = 0) only z, zbar0 and lbar = 0 are set
-    (eps, zbar0 = Tweedie at t = 0 and mu too with `log_prior_new_moments`).
+    lbar = lbar(y0 | z); mu_prior: the mean of the one-model-step kernel leaving the level
+    (only with `log_prior_new_moments`). At the last level (t = 0) only z, zbar0 = z and
+    lbar = 0 are set, and with `log_prior_new_moments` eps, zbar0 (Tweedie at t = 0) and
+    mu_prior = zbar0.
     """
     z: torch.Tensor
     lbar: torch.Tensor
@@ -74,11 +77,13 @@ class _Level:
     mu: Optional[torch.Tensor] = None
     g1: Optional[torch.Tensor] = None
     g1_norm: Optional[torch.Tensor] = None
+    mu_prior: Optional[torch.Tensor] = None
 
     def take(self, rows: torch.Tensor) -> "_Level":
         """The level after resampling: every particle replaced by its ancestor `rows`."""
         return _Level(*(None if v is None else v[rows] for v in
-                        (self.z, self.lbar, self.zbar0, self.eps, self.mu, self.g1, self.g1_norm)))
+                        (self.z, self.lbar, self.zbar0, self.eps, self.mu, self.g1, self.g1_norm,
+                         self.mu_prior)))
 
 
 def _no_trace(event: str, **values) -> None:
@@ -116,7 +121,7 @@ def ld_smc_sample(model, operator: Callable, y: torch.Tensor, cfg: LDSMCConfig,
         raise ValueError(f"cond has {cond.shape[0]} rows for {B} measurements: pass one per image")
     draws = (generator if isinstance(generator, DrawSource)
              else GeneratorDraws(per_image_generators(generator, B, device)))
-    chain = make_chain(cfg.num_steps, abar.numel(), cfg.start_at_T, cfg.aux_by_position)
+    chain = make_chain(cfg.num_steps, abar.numel(), cfg.start_at_T, cfg.aux_one_step_below)
     L = chain.num_levels
     emit = trace if trace is not None else _no_trace
     aux_device = torch.device(cfg.aux_device) if cfg.aux_device is not None else device
@@ -129,7 +134,7 @@ def ld_smc_sample(model, operator: Callable, y: torch.Tensor, cfg: LDSMCConfig,
     ys = None
     if cfg.aux_observations:
         zhat0 = heuristic_zhat0(model, operator, y0, draws, cfg, device, emit)
-        path = heuristic_path(zhat0, chain.ts, abar, draws, chain.num_path_levels)
+        path = heuristic_path(zhat0, chain.path_a, abar, draws)
         ys = observations(path[chain.aux])
         emit("aux_observations", gibbs_iter=0, path=path, ys=ys)
 
@@ -197,7 +202,8 @@ def _smc_iteration(model, operator, y0, ys, cfg, chain: Chain, draws, cond, call
     B, N, L = y0.shape[0], cfg.num_particles, chain.num_levels
     lat = tuple(model.latent_shape)
     dens = Densities(cfg, abar)
-    sqrt_abar_next, c_eps, sigmas = chain.step_coeffs(abar)   # per level: the DDIM step leaving it
+    sqrt_abar_next, c_eps, sigmas = chain.step_coeffs(abar)   # per transition: its DDIM step
+    prior_sqrt_next, prior_c_eps, prior_sigmas = chain.prior_coeffs(abar)   # per level, one model step
     y0_flat = y0.repeat_interleave(N, 0)
     cond_flat = cond.repeat_interleave(N, 0) if cond is not None else None
     weigh = N > 1  # with one particle the weights are irrelevant: skip their decodes
@@ -224,16 +230,22 @@ def _smc_iteration(model, operator, y0, ys, cfg, chain: Chain, draws, cond, call
         eps, zbar0 = eps.detach(), zbar0.detach()
         g1, g1_norm = unit_clip(g1)
         return _Level(z=z.detach(), lbar=dens.gauss(y0_flat, f0.detach(), dens.twist_var(chain.a[m])),
-                      zbar0=zbar0, eps=eps, mu=sqrt_abar_next[m] * zbar0 + c_eps[m] * eps, g1=g1, g1_norm=g1_norm)
+                      zbar0=zbar0, eps=eps, mu=sqrt_abar_next[m] * zbar0 + c_eps[m] * eps, g1=g1, g1_norm=g1_norm,
+                      mu_prior=prior_mean(eps, zbar0, m))
+
+    def prior_mean(eps, zbar0, m):  # log_prior_new_moments: mean of the one-model-step kernel leaving m
+        if not (weigh and cfg.log_prior_new_moments):
+            return None
+        return prior_sqrt_next[m] * zbar0 + prior_c_eps[m] * eps
 
     def last_level(z) -> _Level:
-        """t = 0: lbar(y0 | z_0) = 0. Its own moments only for log_prior_new_moments (mu = zbar0)."""
+        """t = 0: lbar(y0 | z_0) = 0. Its own moments only for log_prior_new_moments (mean zbar0)."""
         zero = torch.zeros(z.shape[0], dtype=z.dtype, device=device)
         if not (weigh and cfg.log_prior_new_moments):
             return _Level(z=z, lbar=zero, zbar0=z)
         with torch.no_grad():
             eps, zbar0 = eps_zbar0(z, L - 1)
-        return _Level(z=z, lbar=zero, zbar0=zbar0, eps=eps, mu=sqrt_abar_next[-1] * zbar0 + c_eps[-1] * eps)
+        return _Level(z=z, lbar=zero, zbar0=zbar0, eps=eps, mu_prior=prior_mean(eps, zbar0, L - 1))
 
     def l_aux(z, m):  # l(y_t | z_t) at level m ([B*N])
         with torch.no_grad():
@@ -288,7 +300,8 @@ def _smc_iteration(model, operator, y0, ys, cfg, chain: Chain, draws, cond, call
         new = level(z_new, i + 1) if i + 1 < L - 1 else last_level(z_new)
         # log p(z_t | z_t+1) = N(mu_theta(z_t+1), sigma^2) of the step that proposed z_t; the
         # release (log_prior_new_moments) takes the moments computed at z_t itself.
-        prior_mu, prior_sigma = (new.mu, sigmas[i + 1]) if cfg.log_prior_new_moments else (cur.mu, sigma)
+        prior_mu, prior_sigma = ((new.mu_prior, prior_sigmas[i + 1]) if cfg.log_prior_new_moments
+                                 else (cur.mu, sigma))
         incr = new.lbar - cur.lbar
         log_p = log_pi = l_y = None
         if weigh:

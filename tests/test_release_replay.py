@@ -51,7 +51,7 @@ def test_the_omitted_tensors_of_J2_come_from_J1(recordings):
 @pytest.mark.parametrize("J, switch, value, failing", [
     (1, "log_prior_new_moments", False, "transitions.log_prior"),
     (1, "start_at_T", False, "draw sequence"),
-    (1, "aux_by_position", False, "draw sequence"),
+    (1, "aux_one_step_below", False, "draw sequence"),
     (1, "refine_return", "best", "refine.z0_opt"),
     (2, "refine_each_gibbs", False, "refine ran"),
     (1, "log_density", "sum", "init.log_weights"),

@@ -64,7 +64,7 @@ def test_presets_fill_only_unset_switches():
     assert (ref.log_density, ref.noisy_aux_obs, ref.ess_threshold) == ("mean", False, None)
     assert (ex.log_density, ex.noisy_aux_obs, ex.final_std_sigma_y, ex.twist_var_sigma_y,
             ex.ess_threshold) == ("sum", True, True, True, 0.5)
-    release = ("start_at_T", "aux_by_position", "log_prior_new_moments", "refine_each_gibbs")
+    release = ("start_at_T", "aux_one_step_below", "log_prior_new_moments", "refine_each_gibbs")
     assert all(getattr(ref, k) is True for k in release) and ref.refine_return == "last"
     assert all(getattr(ex, k) is False for k in release) and ex.refine_return == "best"
     mixed = LDSMCConfig(preset="exact", log_density="mean", ess_threshold=None).resolve()
@@ -241,19 +241,27 @@ def test_aux_device_keeps_results(toy):
 
 
 def test_chain_levels_with_and_without_the_release_indexing():
-    ours = make_chain(4, 1000, start_at_T=False, aux_by_position=False)
-    assert ours.t == ours.a == [999, 666, 333, 0] and ours.aux == [0, 1, 2]
-    release = make_chain(4, 1000, start_at_T=True, aux_by_position=True)
+    ours = make_chain(4, 1000, start_at_T=False, aux_one_step_below=False)
+    assert ours.t == ours.a == [999, 666, 333, 0] and ours.a_next == [666, 333, 0]
+    assert ours.path_a == [999, 666, 333] and ours.aux == [0, 1, 2]
+    release = make_chain(4, 1000, start_at_T=True, aux_one_step_below=True)
+    # first level at t = T with abar_999, one model step down; then the schedule
     assert release.t == [1000, 999, 666, 333, 0] and release.a == [999, 999, 666, 333, 0]
-    # by position: level m meets path level m, i.e. one level below its own abar after the first
-    assert release.aux == [0, 1, 2, 3] and release.num_path_levels == 4
-    by_level = make_chain(4, 1000, start_at_T=True, aux_by_position=False)
-    assert by_level.aux == [0, 0, 1, 2]
-    # the first two transitions share abar_999 -> abar_666; the last level borrows the sigma before
+    assert release.a_next == [998, 666, 333, 0]
+    # every level after the first meets the heuristic latent one model step below its own abar
+    assert release.path_a == [999, 998, 665, 332] and release.aux == [0, 1, 2, 3]
+    by_level = make_chain(4, 1000, start_at_T=True, aux_one_step_below=False)
+    assert by_level.path_a == [999, 666, 333] and by_level.aux == [0, 0, 1, 2]
+    # on the full chain the release's steps are the schedule's own
+    full = make_chain(1000, 1000, start_at_T=True, aux_one_step_below=True)
+    assert full.path_a == list(range(999, -1, -1)) and full.a_next[0] == 998 and full.a_next[1] == 998
     abar = torch.linspace(0.99, 0.01, 1000, dtype=torch.float64)
-    sqrt_next, c_eps, sigma = release.step_coeffs(abar)
-    assert sqrt_next[0] == sqrt_next[1] == abar[666].sqrt() and sigma[0] == sigma[1]
-    assert sqrt_next[-1] == 1 and c_eps[-1] == 0 and sigma[-1] == sigma[-2]
+    sqrt_next, c_eps, sigma = full.step_coeffs(abar)
+    prior_next, prior_c, prior_sigma = full.prior_coeffs(abar)
+    assert sqrt_next[0] == sqrt_next[1] == abar[998].sqrt() and sigma[0] == sigma[1]
+    assert sigma[1:] == prior_sigma[1:-1] and sqrt_next[1:] == prior_next[1:-1]
+    # t = 0: mean zbar0 (to abar = 1), sigma of abar_1 -> abar_0 (the proposal's, on the full chain)
+    assert prior_next[-1] == 1 and prior_c[-1] == 0 and prior_sigma[-1] == sigma[-1]
 
 
 class Trace:
@@ -282,20 +290,23 @@ def test_start_at_T_calls_the_model_at_T_first(toy):
         assert ts[:2] == ([1000, 999] if start else [999, strided_timesteps(20)[1]])
 
 
-@pytest.mark.parametrize("by_position", [True, False])
-def test_aux_pairing(toy, by_position):
+@pytest.mark.parametrize("one_step_below", [True, False])
+def test_aux_pairing(toy, one_step_below):
     model, op, y0, _ = toy
     tr = Trace()
-    ld_smc_sample(model, op, y0, small_cfg(aux_by_position=by_position), generator=torch.Generator().manual_seed(0),
-                  trace=tr)
+    cfg = small_cfg(aux_one_step_below=one_step_below)
+    ld_smc_sample(model, op, y0, cfg, generator=torch.Generator().manual_seed(0), trace=tr)
     (aux,) = tr.of("aux_observations")
     path, ys = aux["path"], aux["ys"]
+    chain = make_chain(20, 1000, True, one_step_below)
+    assert path.shape[0] == len(chain.path_a) and ys.shape[0] == chain.num_levels - 1
     decoded = op(model.decode(path.flatten(0, 1))).view(path.shape[0], 1, -1)
-    if by_position:   # level m <- path level m (the path runs one level below the particles)
-        assert torch.allclose(ys, decoded)
-    else:             # levels 0 and 1 share abar_999: both from path level 0
-        assert torch.allclose(ys[0], decoded[0]) and torch.allclose(ys[1], decoded[0])
-        assert torch.allclose(ys[2:], decoded[1:ys.shape[0] - 1])
+    assert torch.allclose(ys, decoded[chain.aux])
+    own = [chain.path_a[k] for k in chain.aux]
+    if one_step_below:   # level 0 its own abar, later levels one model step below theirs
+        assert own == [chain.a[0]] + [a - 1 for a in chain.a[1:-1]]
+    else:                # levels 0 and 1 (both abar_999) share path level 0
+        assert own == chain.a[:-1] and chain.aux[:2] == [0, 0]
 
 
 @pytest.mark.parametrize("new_moments", [True, False])
@@ -309,8 +320,10 @@ def test_log_prior_switch(toy, new_moments):
     steps = tr.of("transition")
     same = [torch.equal(s["log_prior"], s["log_pi"]) for s in steps]
     assert not any(same) if new_moments else all(same)
-    if new_moments:   # at t = 0: the moments of z_0 itself (mean zbar0), the sigma of the step before
-        assert steps[-1]["sigma_prior"] == steps[-1]["sigma"]
+    if new_moments:   # one-model-step kernels; at t = 0 mean zbar0(z_0), sigma of abar_1 -> abar_0
+        abar = model.alphas_cumprod
+        sigma_10 = ((1 - abar[0]) / (1 - abar[1]) * (1 - abar[1] / abar[0])).sqrt()
+        assert torch.allclose(steps[-1]["sigma_prior"], sigma_10) and steps[-1]["sigma"] > sigma_10
 
 
 @pytest.mark.parametrize("each", [True, False])
