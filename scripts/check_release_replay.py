@@ -181,14 +181,12 @@ class Comparison:
         return sorted(n for n, e in self.err.items() if not e <= rtol) + self.bad
 
 
-def compare_iteration(c: Comparison, tr: Trace, rec: dict, res, j: int, T: int, N: int):
+def compare_iteration(c: Comparison, tr: Trace, rec: dict, j: int, T: int, N: int):
     """Compare Gibbs iteration j. With N = 1 both samplers skip the weights (and the moments
     of z_0, which only the log prior uses): those terms are not compared then."""
     g = rec["gibbs"][j]
     at = lambda i: f"gibbs {j}, step {i}"
-    weights = ("ll_yt_zt", "ll_y0_zt", "log_weights", "log_prior", "log_pi", "log_weights_normalized",
-               "log_normalized_weights", "ll_y0_ztp1")
-    skip = set(weights) if N == 1 else set()
+    skip = {"ll_yt_zt", "ll_y0_zt", "log_weights", "log_prior", "log_pi", "log_weights_normalized"} if N == 1 else set()
     # Section 2: pseudo-inverse and heuristic path (iteration 0), auxiliary observations (all).
     if j == 0:
         (pinv,) = tr.ev["pseudo_inverse"]
@@ -307,7 +305,7 @@ def replay(rec: dict, overrides: dict | None = None, ckpt: Path = COMPACT / "com
     for ours, probs in draws.probs:
         c.close("draws.probs (resampling)", ours, probs)
     for j in range(J):
-        compare_iteration(c, tr, rec, res, j, T, N)
+        compare_iteration(c, tr, rec, j, T, N)
     c.close("outputs.x0", res.x0_per_gibbs[:, 0], rec["outputs"]["x0"])
     c.close("outputs.x0_opt", None if res.x0_refined_per_gibbs is None else res.x0_refined_per_gibbs[:, 0],
             rec["outputs"]["x0_opt"])
