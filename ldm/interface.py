@@ -7,7 +7,7 @@ closed-form Gaussian-mixture model (`smc.closed_form`) are interchangeable:
 
 | member | what it is |
 |---|---|
-| `eps(z_t, t, cond=None)` | noise prediction eps_theta(z_t, t): z_t [B, *latent_shape], t [B] long -> [B, *latent_shape] |
+| `eps(z_t, t, cond=None)` | noise prediction eps_theta(z_t, t): z_t [B, *latent_shape], t [B] long -> [B, *latent_shape]; t runs over 0 .. T-1, and t = T once when LD-SMC's `start_at_T` switch (the release's first call, `reference` preset) is on |
 | `decode(z)` | D(z): [B, *latent_shape] -> images [B, ...], differentiable in z |
 | `encode(x)` | E(x): images -> [B, *latent_shape] (needed by LD-SMC's auxiliary path, PSLD, GML-DPS, ReSample) |
 | `alphas_cumprod` | abar_t, a 1-D tensor [T] (t = 0 .. T-1) |

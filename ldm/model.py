@@ -18,7 +18,8 @@ class LatentDiffusion(nn.Module):
     eps(z_t, t, cond) = eps_theta(z_t, t, c): noise prediction in latent space.
     encode(x) = scale_factor * E(x) (not quantised); decode(z) = D(q(z / scale_factor)) with the
     straight-through quantiser q (identity when quantize=False).
-    Shapes: z [B, *latent_shape], x [B, *image_shape] in [-1, 1], t [B] long in [0, T).
+    Shapes: z [B, *latent_shape], x [B, *image_shape] in [-1, 1], t [B] long in [0, T) (t = T is also
+    accepted: the sinusoidal embedding extends past the trained range, and the release calls it there once).
     """
 
     def __init__(self, unet: UNetModel, first_stage: VQModel, betas: torch.Tensor,

@@ -7,7 +7,9 @@
 Random weights are fine for timing. Times come from the sampler's callback (the
 transitions only: the pseudo-inverse, the auxiliary path and the refinement are
 reported separately as "setup+end"). Call counts are averaged over the transitions
-with t' > 0 (the last one, to t = 0, has no UNet call). Peak memory is CUDA
+between the first and the last (the first has no resampling; the last, to t = 0, takes no
+guidance gradient for a next step, and in the reference preset (log_prior_new_moments)
+makes one UNet forward for the moments at z_0). Peak memory is CUDA
 max_memory_allocated on CUDA, else the process's peak RSS (it only grows: the rows
 after the first include everything before).
 """

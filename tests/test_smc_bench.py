@@ -28,8 +28,10 @@ def test_bench_smc_small_fixture(capsys):
     row = next(line for line in out.splitlines() if line.startswith("| 2 |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     # N, s/transition, s/transition/image, UNet fwd, UNet bwd, dec fwd, dec bwd, ...
-    # timesteps 999, 666, 333, 0: transition 666 -> 333 has t' <= s = 333, so D(mu) for g2 too
-    assert cells[3:7] == ["1.00", "1.00", "3.00", "2.00"], row
+    # reference chain (start_at_T): levels 1000 (abar_999), 999, 666, 333, 0; the callbacks after the
+    # first and the third-from-last transition bracket 999 -> 666 (D(zbar0) fwd+bwd, D(z) fwd) and
+    # 666 -> 333 (t' <= s = 333: D(mu) fwd+bwd for g2 too), so 2.5 decoder fwd and 1.5 bwd on average
+    assert cells[3:7] == ["1.00", "1.00", "2.50", "1.50"], row
     assert float(cells[1]) > 0
 
 
