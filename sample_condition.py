@@ -29,8 +29,8 @@ import sys
 import time
 from pathlib import Path
 
-from util.cli import (AUTHORS_MODEL, PROJECT_ROOT, build_parser, check_flags, resolve_method, resolve_path,
-                      select_device, shard_of)
+from util.cli import (AUTHORS_MODEL, PROJECT_ROOT, build_parser, check_flags, cpu_threads, resolve_method,
+                      resolve_path, select_device, shard_of)
 
 
 class SamplingError(RuntimeError):
@@ -280,14 +280,16 @@ def run(args) -> dict:
 
     log = get_logger()
     check_flags(args)
+    device = select_device(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    elif device.type == "cpu":
+        torch.set_num_threads(cpu_threads(torch.get_num_threads()))
     task_path = resolve_path(args.task_config)
     task = load_task(task_path, args.overrides, sampler_fields=sorted(method_fields()))
     if args.protocol is not None:
         task = dataclasses.replace(task, protocol=args.protocol)
     method = resolve_method(args, task, log)
-    device = select_device(args)
     shard, n_shards = shard_of(args.shard)
     restorer = Restorer(task, method, device, seed=args.seed,
                         ldm_config=resolve_path(args.ldm_config or task.model.config or AUTHORS_MODEL),
@@ -312,9 +314,10 @@ def run(args) -> dict:
     where = f" (shard {shard}/{n_shards}: {len(mine)} of them)" if n_shards > 1 else ""
     shown = ", ".join(f"{k} {v}" for k, v in method.settings().items()
                       if k in ("preset", "num_particles", "num_steps"))
+    threads = f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else ""
     log.info(f"task {task.name}: {n_total} images{where}, {len(mine) - len(todo)} already done; model "
-             f"{restorer.ldm_config}; device {device}; method {method.name} ({shown}); protocol {task.protocol}, "
-             f"resize {task.data.resize}; outputs in {tree.root}")
+             f"{restorer.ldm_config}; device {device}{threads}; method {method.name} ({shown}); "
+             f"protocol {task.protocol}, resize {task.data.resize}; outputs in {tree.root}")
     batch_size = args.batch_size or task.data.batch_size
     with tqdm(total=len(todo), desc="images", unit="img", dynamic_ncols=True) as bar:
         for start in range(0, len(todo), batch_size):

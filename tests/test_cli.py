@@ -191,9 +191,8 @@ def test_demo_restores_digits(tmp_path, capsys):
     assert rc == 0, err
     summary = json.loads((tmp_path / "ld_smc" / "inpainting_box" / "summary.json").read_text())
     comp = summary["comparison"]
-    # Measured: +1.91 dB (recon) and +4.02 dB (refined) on these four digits with the reference preset as
-    # of the sampler's release-faithful switches (commit 24b7212; +2.04 / +3.81 dB on all twenty).
-    assert comp["n"] == 4 and comp["psnr_recon"] > comp["psnr_measurement"] + 1.5, comp
+    # Measured with the demo's 25 steps: +3.70 dB (recon) and +5.09 dB (refined) on these four digits.
+    assert comp["n"] == 4 and comp["psnr_recon"] > comp["psnr_measurement"] + 2.0, comp
     assert comp["psnr_recon_opt"] > comp["psnr_measurement"] + 3.0, comp
     assert f"{comp['psnr_recon']:.2f} dB" in out
 

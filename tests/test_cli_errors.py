@@ -209,3 +209,12 @@ def test_non_finite_weights_name_the_image_file_and_keep_finished_images(tmp_pat
     assert names[2] in err and "(index 2)" in err and "transition 7" in err and "--kappa1" in err, err
     assert sorted(p.name for p in (root / "records").iterdir()) == ["00000.json"]  # finished image kept
     assert (root / "metrics.csv").read_text().count("\n") == 2  # header + image 0
+
+
+@pytest.mark.parametrize("load, cores, expected", [(0.0, 2, 2), (0.4, 2, 2), (1.0, 2, 1), (1.6, 2, 1),
+                                                   (5.0, 2, 1), (1.0, 16, 8), (3.0, 16, 8), (10.0, 16, 6)])
+def test_cpu_threads_leave_out_the_busy_cores(load, cores, expected):
+    """Without --threads a CPU run uses torch's default (8 here) less the cores other processes keep busy."""
+    from util.cli import cpu_threads
+
+    assert cpu_threads(8 if cores == 16 else 2, load=load, cores=cores) == expected

@@ -91,11 +91,12 @@ def test_ltds_on_the_demo_end_to_end(tmp_path, capsys):
 def test_method_from_the_task_yaml_and_the_flag_wins(tmp_path, capsys, fake_methods):
     task = tmp_path / "task.yaml"
     task.write_text((methods.CONFIG_DIR.parents[1] / DEMO / "inpainting_config.yaml").read_text().replace(
-        "main_sampler: LD-SMC", "main_sampler: LD-SMC\n  method: fake"))
+        "main_sampler: LD-SMC", "main_sampler: LD-SMC\n  method: fake")
+        + "sampler:\n  num_particles: 4\n  num_steps: 50\n  refine_max_iters: 100\n")
     base = ["--task_config", task, "--save_dir", tmp_path, "--max_images", "1", "--threads", "1", "--seed", "0"]
     rc, _, err = cli(capsys, *base)
     assert rc == 0, err
-    # the demo's sampler section (num_particles, num_steps, refine_max_iters): the fake method has only num_steps
+    # a sampler section for LD-SMC (num_particles, num_steps, refine_max_iters): the fake method has only num_steps
     assert "skipping the task's sampler setting(s) num_particles, refine_max_iters" in err
     root = tmp_path / "fake" / "inpainting_box"
     summary = json.loads((root / "summary.json").read_text())
