@@ -322,3 +322,25 @@ def test_srun_variables_make_a_process_group(resumed_grid, tmp_path):
     assert [p.returncode for p in procs] == [0, 0], outs
     assert "tables:" in outs[0] and "tables:" not in outs[1]  # rank 0 writes them
     assert "2 process(es) (srun)" in (root / "table.md").read_text()
+
+
+def test_grid_summary_tables_and_paired_differences(resumed_grid, capsys):
+    spec = importlib.util.spec_from_file_location("grid_summary", ROOT / "scripts" / "grid_summary.py")
+    summary = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summary)
+    assert summary.main([str(resumed_grid.root), "--against", "ld_smc"]) == 0
+    out = capsys.readouterr().out
+    table = {(r["entry"], r["output"]): float(r["psnr_mean"]) for r in read_csv(resumed_grid.root / "table.csv")}
+    assert (f"| ld_smc | {table[('ld_smc', 'recon')]:.2f} / {table[('ld_smc', 'recon_opt')]:.2f} |"
+            in out)
+    # The paired difference: per image, ltds minus ld_smc, from the cells' own metrics.csv.
+    cell = {e: {r["file"]: r for r in read_csv(resumed_grid.root / e / e / "inpainting_box" / "metrics.csv")}
+            for e in ("ld_smc", "ltds")}
+    for column, heading in (("psnr_recon", "minus ld_smc's, per image"), ("psnr_recon_opt", "minus ld_smc's final")):
+        d = [float(cell["ltds"][f][column]) - float(cell["ld_smc"][f][column]) for f in cell["ld_smc"]]
+        mean = sum(d) / len(d)
+        se = (sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5
+        section = out[out.index(heading):]
+        assert f"| ltds | {mean:+.2f} +- {se:.2f} |" in section.splitlines()[4]
+    with pytest.raises(SystemExit, match="not an entry of this grid"):
+        summary.main([str(resumed_grid.root), "--against", "nope"])
