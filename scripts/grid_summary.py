@@ -22,7 +22,8 @@ from pathlib import Path
 
 
 def load(save_dir: Path):
-    rows = list(csv.DictReader(open(save_dir / "table.csv")))
+    with open(save_dir / "table.csv") as f:
+        rows = list(csv.DictReader(f))
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     entries = list(dict.fromkeys(r["entry"] for r in rows))
     cells = defaultdict(dict)
