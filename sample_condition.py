@@ -112,6 +112,7 @@ class Restorer:
 
     def _lpips(self):
         """LPIPS(alex) if its backbone weights are on disk; else None and the reason (never random weights)."""
+        from util.config import ConfigError
         from util.metrics import LPIPS, MissingWeightsError
 
         try:
@@ -119,6 +120,8 @@ class Restorer:
         except (MissingWeightsError, ImportError) as e:
             self.log.info(f"LPIPS unavailable: {e}")
             return None, f"unavailable: {e}"
+        except ValueError as e:  # a weights file that is there but unreadable: say so before sampling
+            raise ConfigError(str(e)) from None
 
     def draw_index(self, i: int) -> int:
         """Whose generators image i uses: its own (per_image), or image 0's for all (release, see util/config.py)."""

@@ -218,3 +218,14 @@ def test_cpu_threads_leave_out_the_busy_cores(load, cores, expected):
     from util.cli import cpu_threads
 
     assert cpu_threads(8 if cores == 16 else 2, load=load, cores=cores) == expected
+
+
+def test_an_unreadable_lpips_weights_file_is_named_before_sampling(tmp_path, capsys, monkeypatch):
+    hub = tmp_path / "hub"
+    (hub / "checkpoints").mkdir(parents=True)
+    bad = hub / "checkpoints" / "alexnet-owt-7be5be79.pth"
+    bad.write_bytes(b"garbage" * 10)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
+    line = error_line(capsys, "--save_dir", tmp_path / "out", *FAST)
+    assert str(bad) in line and "download it again from https://download.pytorch.org/models/" in line
+    assert not list((tmp_path / "out").rglob("recon/*.png"))

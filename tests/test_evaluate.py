@@ -67,3 +67,42 @@ def test_unreadable_weights_file_is_named(run_dir, tmp_path, capsys, content):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and str(weights) in err and "download it again" in err
     assert "Traceback" not in err and not (run_dir / "fid.json").exists()
+
+
+def test_lpips_of_a_run_from_its_pngs(run_dir):
+    evaluate = _load_script()
+    (run_dir / "recon_opt").mkdir()
+    for name in ("00000.png", "00001.png"):  # identical to the ground truth: LPIPS 0
+        (run_dir / "recon_opt" / name).write_bytes((run_dir / "input" / name).read_bytes())
+    out = evaluate.evaluate_lpips(run_dir, weights="random")
+    assert out["reportable"] is False and out["n_recon"] == 4 and out["n_recon_opt"] == 2
+    assert sorted(out["lpips_recon"]) == [f"{i:05d}.png" for i in range(4)]
+    assert all(v > 0 for v in out["lpips_recon"].values())
+    assert out["lpips_recon_opt"] == {"00000.png": 0.0, "00001.png": 0.0}
+    # The same numbers as the metric on the loaded images
+    from util.images import load_image
+    from util.metrics import LPIPS
+    x, gt = load_image(run_dir / "recon" / "00002.png"), load_image(run_dir / "input" / "00002.png")
+    assert out["lpips_recon"]["00002.png"] == pytest.approx(LPIPS("alex", backbone_weights="random")(x, gt).item())
+    assert json.loads((run_dir / "lpips.json").read_text()) == out
+
+
+def test_lpips_needs_the_ground_truth_of_every_image(run_dir):
+    evaluate = _load_script()
+    (run_dir / "input" / "00003.png").unlink()
+    with pytest.raises(FileNotFoundError, match="lacks the ground truth of recon/00003.png"):
+        evaluate.evaluate_lpips(run_dir, weights="random")
+
+
+def test_lpips_weights_missing_or_unreadable_are_named(run_dir, tmp_path, monkeypatch, capsys):
+    evaluate = _load_script()
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "empty_hub"))
+    assert evaluate.main([str(run_dir), "--metrics", "lpips"]) == 2
+    err = capsys.readouterr().err
+    assert "alexnet-owt-7be5be79.pth" in err and "empty_hub" in err and "Traceback" not in err
+    bad = tmp_path / "alexnet-owt-7be5be79.pth"
+    bad.write_bytes(b"garbage" * 10)
+    assert evaluate.main([str(run_dir), "--metrics", "lpips", "--lpips_weights", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(bad) in err and "download it again" in err
+    assert not (run_dir / "lpips.json").exists()

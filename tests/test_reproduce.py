@@ -283,28 +283,61 @@ def test_aggregate_only_names_missing_cells_and_shows_published_numbers(resumed_
     assert rows[("ld_smc_n1", "recon")]["status"] == "missing"
 
 
-def test_fid_is_computed_once_where_its_weights_are(resumed_grid, tmp_path, monkeypatch):
+def test_fid_and_lpips_are_computed_once_where_their_weights_are(resumed_grid, tmp_path, monkeypatch):
+    """The run had no LPIPS or Inception weights; once they are on disk, the aggregation computes
+    FID and (from the saved PNGs) LPIPS once per cell, then reads fid.json / lpips.json."""
     root = tmp_path / "run"
     shutil.copytree(resumed_grid.root, root)
     calls = []
 
     def evaluate_fid(task_dir, which, device="cpu"):
-        calls.append(Path(task_dir))
+        calls.append(("fid", Path(task_dir)))
         out = {"reportable": True, **{f"fid_{o}": 12.5 for o in which},
                **{f"n_{o}": len(list((Path(task_dir) / o).glob("*.png"))) for o in which}}
         (Path(task_dir) / "fid.json").write_text(json.dumps(out))
         return out
 
+    def evaluate_lpips(task_dir, which, device="cpu"):
+        calls.append(("lpips", Path(task_dir)))
+        out = {"reportable": True, **{f"lpips_{o}": {p.name: 0.1 * (k + 1) + (o == "recon_opt") * 0.05
+                                                      for k, p in enumerate(sorted((Path(task_dir) / o).glob("*.png")))}
+                                      for o in which}}
+        (Path(task_dir) / "lpips.json").write_text(json.dumps(out))
+        return out
+
     monkeypatch.setattr("util.metrics.hub_checkpoint", lambda url, what: Path("weights-present"))
-    monkeypatch.setattr(grid_table, "_evaluate_module", lambda: SimpleNamespace(evaluate_fid=evaluate_fid))
+    monkeypatch.setattr(grid_table, "_evaluate_module",
+                        lambda: SimpleNamespace(evaluate_fid=evaluate_fid, evaluate_lpips=evaluate_lpips))
     grid = narrow(load_grid("demo"), "ld_smc,ltds", "inpainting_box")
     cells = build_cells(grid, root, max_images=4)
     for _ in range(2):
         grid_table.aggregate(cells, root, title="t")
-    assert sorted(calls) == sorted(c.dir for c in cells)  # once per cell, then read from fid.json
+    # once per cell and metric, then read from fid.json / lpips.json
+    assert sorted(calls) == sorted((m, c.dir) for c in cells for m in ("fid", "lpips"))
     rows = read_csv(root / "table.csv")
     assert {r["fid"] for r in rows} == {"12.5"} and {r["fid_images"] for r in rows} == {"4"}
-    assert "12.50 (n=4)" in (root / "table.md").read_text()
+    values = {"recon": [0.1, 0.2, 0.3, 0.4], "recon_opt": [0.15, 0.25, 0.35, 0.45]}
+    for r in rows:
+        v = torch.tensor(values[r["output"]], dtype=torch.float64)
+        assert float(r["lpips_mean"]) == pytest.approx(float(v.mean()), rel=1e-5)  # csv: 6 digits
+        assert float(r["lpips_std"]) == pytest.approx(float(v.std(unbiased=False)), rel=1e-5)
+        assert r["lpips_note"] == grid_table.LPIPS_FROM_PNGS
+    md = (root / "table.md").read_text()
+    assert "12.50 (n=4)" in md and "0.250 ± 0.112 [" in md and "from its saved 8-bit PNGs" in md
+
+
+def test_lpips_json_that_misses_an_image_is_not_used(resumed_grid, tmp_path, monkeypatch):
+    root = tmp_path / "run"
+    shutil.copytree(resumed_grid.root, root)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no-weights"))
+    cell = root / "ld_smc" / "ld_smc" / "inpainting_box"
+    (cell / "lpips.json").write_text(json.dumps({"reportable": True, "lpips_recon": {
+        f"{i:05d}.png": 0.2 for i in range(3)}}))  # image 3 is missing
+    grid = narrow(load_grid("demo"), "ld_smc", "inpainting_box")
+    grid_table.aggregate(build_cells(grid, root, max_images=4), root, title="t")
+    row = next(r for r in read_csv(root / "table.csv") if r["output"] == "recon")
+    assert row["lpips_mean"] == "" and "alexnet-owt-7be5be79.pth" in row["lpips_note"]
+    assert "--aggregate_only computes LPIPS from the saved PNGs" in row["lpips_note"]
 
 
 def test_srun_variables_make_a_process_group(resumed_grid, tmp_path):

@@ -19,6 +19,8 @@ import math
 from pathlib import Path
 from typing import Iterable, Mapping
 
+import numpy as np
+
 from util.files import atomic_write_text
 from util.grid import PROJECT_ROOT, Cell, GridError
 from util.outputs import mean_std
@@ -76,12 +78,13 @@ def runner_sessions(cell: Cell) -> list[dict]:
 
 def lpips_reason(cell: Cell) -> str:
     """Why a cell has no LPIPS values: the run's own note (summary.json), else the weights check now."""
+    later = " With the file in place, --aggregate_only computes LPIPS from the saved PNGs."
     summary = cell.dir / "summary.json"
     if summary.is_file():
         note = json.loads(summary.read_text()).get("lpips") or ""
         if note.startswith("unavailable"):
-            return "LPIPS " + note
-    return "LPIPS not recorded by the run (its backbone weights were missing when it ran)"
+            return "LPIPS " + note + later
+    return "LPIPS not recorded by the run (its backbone weights were missing when it ran)." + later
 
 
 def _evaluate_module():
@@ -117,6 +120,38 @@ def cell_fid(cell: Cell, outputs: Iterable[str], complete: bool, compute: bool, 
             return {o: (None, counts[o], "FID not computed (--skip_fid)") for o in outputs}
         saved = _evaluate_module().evaluate_fid(cell.dir, which=outputs, device=device)
     return {o: (saved[f"fid_{o}"], saved[f"n_{o}"], None) for o in outputs}
+
+
+LPIPS_FROM_PNGS = ("LPIPS(alex) computed after the run from its saved 8-bit PNGs (scripts/evaluate.py "
+                   "--metrics lpips, lpips.json); the run had no LPIPS weights while it sampled")
+
+
+def cell_lpips(cell: Cell, output: str, records: list[dict], complete: bool, device="cpu") -> dict | None:
+    """{png name: LPIPS} of `output` for every finished image, from the cell's lpips.json; computed
+    (and lpips.json written) when the cell is complete, the file does not cover it and the
+    LPIPS(alex) weights are on disk. None when neither is possible."""
+    from util.metrics import ALEXNET_URL, MissingWeightsError, hub_checkpoint
+
+    names = [f"{r['index']:05d}.png" for r in records]
+    path = cell.dir / "lpips.json"
+
+    def covered(saved):
+        values = saved.get(f"lpips_{output}") or {}
+        return saved.get("reportable") and all(n in values for n in names)
+
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    if not covered(saved):
+        if not complete or not (cell.dir / output).is_dir():
+            return None
+        try:
+            hub_checkpoint(ALEXNET_URL, "LPIPS(alex)")
+        except MissingWeightsError:
+            return None
+        outputs = [o for o in ("recon", "recon_opt") if (cell.dir / o).is_dir()]
+        saved = _evaluate_module().evaluate_lpips(cell.dir, which=outputs, device=device)
+        if not covered(saved):
+            return None
+    return {n: saved[f"lpips_{output}"][n] for n in names}
 
 
 def cell_rows(cell: Cell, outputs: Iterable[str], published: Mapping, not_registered: Mapping[str, str],
@@ -161,7 +196,12 @@ def cell_rows(cell: Cell, outputs: Iterable[str], published: Mapping, not_regist
             if s:
                 row.update({f"{m}_mean": s["mean"], f"{m}_std": s["std"]})
         if n and not stats[f"lpips_{output}"]:
-            row["lpips_note"] = lpips_reason(cell)
+            values = cell_lpips(cell, output, records, complete=status == "done", device=device)
+            if values:
+                v = np.array(list(values.values()))
+                row.update(lpips_mean=float(v.mean()), lpips_std=float(v.std()), lpips_note=LPIPS_FROM_PNGS)
+            else:
+                row["lpips_note"] = lpips_reason(cell)
         if output in fids:
             row["fid"], row["fid_images"], row["fid_note"] = fids[output]
         if k == 0:  # the paper's numbers once per cell
@@ -214,7 +254,8 @@ def _md_row(row: dict, notes: _Notes) -> list[str]:
     cells = []
     for m, _, fmt in METRICS:
         if row.get(f"{m}_mean") is not None:
-            cells.append(f"{fmt.format(row[f'{m}_mean'])} ± {fmt.format(row[f'{m}_std'])}")
+            note = f" {notes.ref(row[f'{m}_note'])}" if row.get(f"{m}_note") else ""
+            cells.append(f"{fmt.format(row[f'{m}_mean'])} ± {fmt.format(row[f'{m}_std'])}{note}")
         elif row.get(f"{m}_note"):
             cells.append(f"{_short(row[f'{m}_note'])} {notes.ref(row[f'{m}_note'])}")
         else:

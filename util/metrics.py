@@ -131,7 +131,15 @@ class LPIPS(nn.Module):
         if not path.is_file():
             raise MissingWeightsError(f"LPIPS({self.net_name}) backbone weights file {path} does not exist "
                                       f"(download from {LPIPS_BACKBONE_URLS[self.net_name]})")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated or not a torch file: name it and where to get it again
+            raise ValueError(f"LPIPS({self.net_name}) backbone weights file {path} cannot be read "
+                             f"({type(e).__name__}): download it again from "
+                             f"{LPIPS_BACKBONE_URLS[self.net_name]}") from None
+        if not isinstance(state, dict):
+            raise ValueError(f"LPIPS({self.net_name}) backbone weights file {path} holds no state dict: "
+                             f"download it again from {LPIPS_BACKBONE_URLS[self.net_name]}")
         # lpips splits torchvision's `features` into slices that keep the layer indices:
         # `slice2.3.weight` is `features.3.weight`.
         own = self.model.net.state_dict()
