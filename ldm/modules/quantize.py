@@ -17,7 +17,10 @@ class VectorQuantizer(nn.Module):
     def __init__(self, n_e: int, e_dim: int, beta: float = 0.25, legacy: bool = True):
         super().__init__()
         self.n_e, self.e_dim, self.beta, self.legacy = n_e, e_dim, beta, legacy
-        self.embedding = nn.Embedding(n_e, e_dim)
+        # The codebook's init is taming's uniform one; passing the storage skips nn.Embedding's own
+        # N(0, 1) init, which the uniform one overwrote anyway (and whose first call on the meta
+        # device, where load_model builds, costs about a second).
+        self.embedding = nn.Embedding(n_e, e_dim, _weight=torch.empty(n_e, e_dim))
         self.embedding.weight.data.uniform_(-1.0 / n_e, 1.0 / n_e)
 
     def forward(self, z: torch.Tensor):
