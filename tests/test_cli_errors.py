@@ -2,6 +2,7 @@
 import os
 import shutil
 import struct
+import time
 import zlib
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -218,6 +219,34 @@ def test_cpu_threads_leave_out_the_busy_cores(load, cores, expected):
     from util.cli import cpu_threads
 
     assert cpu_threads(8 if cores == 16 else 2, load=load, cores=cores) == expected
+
+
+def test_busy_cores_are_the_machine_s_busy_time_less_this_process_s():
+    from util.cli import busy_cores
+
+    # 2 s apart: the machine was busy 3.0 CPU-seconds, of which this process 1.0: one other core busy.
+    assert busy_cores(start=(10.0, 100.0, 5.0), end=(12.0, 103.0, 6.0)) == pytest.approx(1.0)
+    assert busy_cores(start=(10.0, 100.0, 5.0), end=(12.0, 100.5, 5.5)) == 0.0  # only this process
+    assert busy_cores(start=(10.0, 100.0, 5.0), end=(10.0, 100.0, 5.0)) is None  # no window
+
+
+def test_busy_cores_see_another_process_spinning():
+    """Measured, not the load average: a process that started a moment ago counts."""
+    import subprocess
+    import sys
+
+    from util.cli import busy_cores, cpu_snapshot
+
+    if cpu_snapshot() is None:
+        pytest.skip("no /proc/stat on this system (the load average is used there)")
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        start = cpu_snapshot()
+        time.sleep(0.5)
+        assert busy_cores(start=start, end=cpu_snapshot()) >= 0.7
+    finally:
+        spinner.kill()
 
 
 def test_an_unreadable_lpips_weights_file_is_named_before_sampling(tmp_path, capsys, monkeypatch):

@@ -165,14 +165,61 @@ def check_flags(args) -> None:
                               + (" (leave it out for the default)" if flag == "--threads" else ""))
 
 
+def cpu_snapshot():
+    """(monotonic seconds, CPU seconds all processes have been busy, this process's CPU seconds),
+    from Linux's /proc/stat; None elsewhere. Two snapshots give the cores other processes kept
+    busy in between (`busy_cores`)."""
+    import time
+
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        ticks = os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, AttributeError):
+        return None
+    # user nice system idle iowait irq softirq [steal ...]: busy = all but idle, iowait and steal
+    busy = sum(fields[:3]) + sum(fields[5:7])
+    own = os.times()
+    return time.monotonic(), busy / ticks, own.user + own.system
+
+
+# Taken when the CLI is imported, so that the start-up (imports, argument parsing) is the window
+# over which the other processes' load is measured.
+_START = cpu_snapshot()
+
+
+def busy_cores(start=None, end=None, min_window: float = 0.25) -> float | None:
+    """Cores other processes kept busy between two `cpu_snapshot`s (default: since this module was
+    imported, until now, at least `min_window` seconds); None where it cannot be measured."""
+    import time
+
+    start = start if start is not None else _START
+    if start is None:
+        return None
+    if end is None:
+        time.sleep(max(0.0, min_window - (time.monotonic() - start[0])))
+        end = cpu_snapshot()
+        if end is None:
+            return None
+    wall = end[0] - start[0]
+    if wall <= 0:
+        return None
+    return max(0.0, ((end[1] - start[1]) - (end[2] - start[2])) / wall)
+
+
 def cpu_threads(torch_default: int, load: float | None = None, cores: int | None = None) -> int:
     """Threads for a CPU run without --threads: torch's default less the cores other processes keep busy.
 
     Torch's default (one thread per core) ignores other load, and an oversubscribed run is
     several times slower: the demo on a 2-core machine with one core busy took 166 s with 2
-    threads and 66 s with 1 (35 s with 2 threads when idle). `load` is the 1-minute load
-    average (os.getloadavg), `cores` the cores this process may use; at least 1 thread.
+    threads and 66 s with 1 (35 s with 2 threads when idle). `load` is the number of busy
+    cores: by default measured now (`busy_cores`: the machine's busy time less this
+    process's, over the start-up), else the 1-minute load average, which lags a minute behind
+    the machine (an idle machine just after a heavy job looks busy); `cores` the cores this
+    process may use; at least 1 thread.
     """
+    if load is None:
+        load = busy_cores()
     if load is None:
         try:
             load = os.getloadavg()[0]
