@@ -24,7 +24,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from util.files import atomic_write_text  # noqa: E402
-from util.metrics import FID_INCEPTION_URL, MissingWeightsError, fid_from_folders, hub_checkpoint  # noqa: E402
+from util.metrics import (FID_INCEPTION_URL, MissingWeightsError, fid_from_folders, hub_checkpoint,  # noqa: E402
+                          read_weights)
 
 METRICS = ("fid", "lpips")
 
@@ -36,26 +37,13 @@ def check_weights(weights):
 
     A truncated or corrupted file is an error naming it and where to download it again.
     """
-    import pickle
-    import zipfile
-
-    import torch
-
     if weights == "random":
         return weights
     path = Path(weights) if weights is not None else Path(hub_checkpoint(FID_INCEPTION_URL, "FID"))
     if not path.is_file():
         raise MissingWeightsError(f"FID Inception weights file {path} does not exist (download from "
                                   f"{FID_INCEPTION_URL})")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
-        reason = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else "the file ends too early"
-        raise ValueError(f"FID Inception weights file {path} cannot be read ({reason}): it is truncated or not "
-                         f"a PyTorch weights file; download it again from {FID_INCEPTION_URL}") from None
-    if not isinstance(state, dict):
-        raise ValueError(f"FID Inception weights file {path} holds no state dict; download it again from "
-                         f"{FID_INCEPTION_URL}")
+    read_weights(path, "FID Inception", FID_INCEPTION_URL)
     return str(path)
 
 

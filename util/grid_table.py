@@ -19,8 +19,6 @@ import math
 from pathlib import Path
 from typing import Iterable, Mapping
 
-import numpy as np
-
 from util.files import atomic_write_text
 from util.grid import PROJECT_ROOT, Cell, GridError
 from util.outputs import mean_std
@@ -198,8 +196,8 @@ def cell_rows(cell: Cell, outputs: Iterable[str], published: Mapping, not_regist
         if n and not stats[f"lpips_{output}"]:
             values = cell_lpips(cell, output, records, complete=status == "done", device=device)
             if values:
-                v = np.array(list(values.values()))
-                row.update(lpips_mean=float(v.mean()), lpips_std=float(v.std()), lpips_note=LPIPS_FROM_PNGS)
+                s = mean_std([{"lpips": v} for v in values.values()], ["lpips"])["lpips"]
+                row.update(lpips_mean=s["mean"], lpips_std=s["std"], lpips_note=LPIPS_FROM_PNGS)
             else:
                 row["lpips_note"] = lpips_reason(cell)
         if output in fids:

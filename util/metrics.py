@@ -43,6 +43,23 @@ def hub_checkpoint(url: str, what: str) -> Path:
     return path
 
 
+def read_weights(path: Path, what: str, url: str) -> dict:
+    """The state dict in a downloaded weights file; a truncated or foreign file is a ValueError
+    naming it and where to download it again."""
+    import pickle
+    import zipfile
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+        reason = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else "the file ends too early"
+        raise ValueError(f"{what} weights file {path} cannot be read ({reason}): it is truncated or not "
+                         f"a PyTorch weights file; download it again from {url}") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{what} weights file {path} holds no state dict; download it again from {url}")
+    return state
+
+
 @contextlib.contextmanager
 def _seeded(seed: int):
     """Run a block with the global RNG seeded, restoring it afterwards (for third-party inits)."""
@@ -131,15 +148,7 @@ class LPIPS(nn.Module):
         if not path.is_file():
             raise MissingWeightsError(f"LPIPS({self.net_name}) backbone weights file {path} does not exist "
                                       f"(download from {LPIPS_BACKBONE_URLS[self.net_name]})")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # truncated or not a torch file: name it and where to get it again
-            raise ValueError(f"LPIPS({self.net_name}) backbone weights file {path} cannot be read "
-                             f"({type(e).__name__}): download it again from "
-                             f"{LPIPS_BACKBONE_URLS[self.net_name]}") from None
-        if not isinstance(state, dict):
-            raise ValueError(f"LPIPS({self.net_name}) backbone weights file {path} holds no state dict: "
-                             f"download it again from {LPIPS_BACKBONE_URLS[self.net_name]}")
+        state = read_weights(path, f"LPIPS({self.net_name}) backbone", LPIPS_BACKBONE_URLS[self.net_name])
         # lpips splits torchvision's `features` into slices that keep the layer indices:
         # `slice2.3.weight` is `features.3.weight`.
         own = self.model.net.state_dict()
@@ -193,7 +202,7 @@ def fid_inception(dims: int = 2048, weights=None, device="cpu", seed: int = 0) -
     def build() -> nn.Module:
         net = _fid_inception_architecture()
         if weights != "random":
-            net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+            net.load_state_dict(read_weights(Path(weights), "FID Inception", FID_INCEPTION_URL))
         return net
 
     original = I.fid_inception_v3
