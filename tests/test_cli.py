@@ -12,8 +12,7 @@ import yaml
 from PIL import Image
 
 import ldm
-import sample_condition
-from conftest import COMPACT, ROOT, SAMPLE_IMAGES
+from conftest import COMPACT, ROOT, SAMPLE_IMAGES, cli
 
 DEMO = "configs/tasks/demo"
 # A very short run: 3 timesteps, 2 particles, one image, short pseudo-inverse and refinement.
@@ -22,19 +21,6 @@ FAST = ["--ddim_steps", "3", "--num_particles", "2", "--max_images", "1", "--see
         "sampler.xhat_max_iters=20", "sampler.refine_max_iters=5"]
 
 
-@pytest.fixture(autouse=True)
-def keep_thread_count():
-    """--threads sets torch's global thread count: put it back for the tests that follow."""
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
-def cli(capsys, *args):
-    """Run the CLI in-process; returns (exit code, stdout, stderr)."""
-    rc = sample_condition.main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def spy_on_sampler(monkeypatch, before=None):

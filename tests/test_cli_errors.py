@@ -20,12 +20,6 @@ FAST = ["--ddim_steps", "3", "--num_particles", "2", "--max_images", "1", "--see
         "--no_figures", "sampler.xhat_max_iters=20", "sampler.refine_max_iters=5"]
 
 
-@pytest.fixture(autouse=True)
-def keep_thread_count():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
 
 def error_line(capsys, *args):
     rc = sample_condition.main([str(a) for a in args])

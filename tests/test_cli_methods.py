@@ -8,24 +8,13 @@ import pytest
 import torch
 
 import guided_diffusion.methods as methods
-import sample_condition
+from conftest import cli
 
 DEMO = "configs/tasks/demo"
 FAST = ["--ddim_steps", "3", "--num_particles", "2", "--max_images", "1", "--seed", "0", "--threads", "1",
         "sampler.xhat_max_iters=20", "sampler.refine_max_iters=5", "--no_figures"]
 
 
-@pytest.fixture(autouse=True)
-def keep_thread_count():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
-def cli(capsys, *args):
-    rc = sample_condition.main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def error_line(capsys, *args):

@@ -17,12 +17,6 @@ FAST = ["--task_config", "configs/tasks/demo/inpainting_random_config.yaml", "--
         "sampler.xhat_max_iters=20", "sampler.refine_max_iters=5"]
 
 
-@pytest.fixture(autouse=True)
-def keep_thread_count():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture()
 def twins(tmp_path):

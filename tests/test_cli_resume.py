@@ -8,23 +8,15 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import guided_diffusion.methods as methods
-import sample_condition
-from conftest import ROOT
+from conftest import ROOT, cli
 
 DIGITS = sorted((ROOT / "data" / "samples" / "demo").glob("*.png"))
 FAST = ["--ddim_steps", "3", "--num_particles", "2", "--seed", "0", "--threads", "1", "--batch_size", "1",
         "--no_figures", "sampler.xhat_max_iters=20", "sampler.refine_max_iters=5"]
 
-
-@pytest.fixture(autouse=True)
-def keep_thread_count():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture()
@@ -45,11 +37,6 @@ def sampled(monkeypatch):
     monkeypatch.setattr(methods.Method, "__call__", call)
     return calls
 
-
-def cli(capsys, *args):
-    rc = sample_condition.main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def rows(root):

@@ -38,12 +38,6 @@ def load_script():
 reproduce = load_script()
 
 
-@pytest.fixture(autouse=True)
-def keep_thread_count():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
 
 def read_csv(path):
     with open(path) as f:
